@@ -1,0 +1,238 @@
+"""The plugin adapter attached to a causal LM: wrapped linear modules, the active composition, checkpoints.
+
+Each adapted projection is replaced by a ``PluginLinear`` that keeps the frozen original as ``base`` and adds
+``plugin.low_rank_delta`` beside it. The composition Z (B, M, r) is not a weight: it is set per forward with
+``adapter.use(z)`` and kept per thread, so a registration worker and the generation engine can share one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from adapters.base_model import BaseModel, ModelIdentity
+from adapters.encoder import EncoderConfig, PluginEncoder
+from adapters.errors import CheckpointError
+from adapters.plugin import low_rank_delta, subspace
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+
+Target = Literal["q", "k", "v", "o", "gate", "up", "down"]
+TARGET_PATHS: dict[str, str] = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+class AdapterConfig(Schema):
+    """Which projections of which layers are adapted, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0)
+    seed: int = 0
+    targets: list[Target] = Field(default_factory=lambda: ["o", "down"])
+    layers: list[int] | None = None  # None: every layer; negative indices count from the top
+    u_init_std: float = Field(0.02, ge=0)  # U != 0 at init so that x has a gradient before any fit
+    encoder: EncoderConfig | None = None
+
+
+class _Composition(threading.local):
+    z: Tensor | None = None  # (B, M, r)
+
+
+class PluginLinear(nn.Module):
+    """A frozen linear module plus s * U (V h + z * (A h)), z read from the adapter's active composition."""
+
+    def __init__(
+        self, base: nn.Linear, index: int, rank: int, scale: float, seed: int, u_std: float, state: _Composition
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.index = index
+        self.scale = scale
+        out_f, in_f = base.out_features, base.in_features
+        gen = torch.Generator().manual_seed(seed * 7919 + index)
+        self.U = nn.Parameter(torch.randn(out_f, rank, generator=gen) * u_std)  # (out, r)
+        self.V = nn.Parameter(torch.zeros(rank, in_f))  # (r, in): x = 0 starts as the bare base model
+        self.register_buffer("A", subspace(seed, index, rank, in_f), persistent=False)  # (r, in)
+        self._state = state
+
+    def forward(self, h: Tensor) -> Tensor:  # h (B, T, in)
+        z = self._state.z
+        zm = None if z is None else z[:, self.index, :]  # (B, r)
+        return self.base(h) + low_rank_delta(h, self.U, self.V, self.A, zm, self.scale)  # (B, T, out)
+
+
+def _resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    resolved = sorted({i % n_layers for i in layers if -n_layers <= i < n_layers})
+    if len(resolved) != len(set(layers)):
+        raise CheckpointError(f"adapter layers {layers} do not fit a model of {n_layers} layers")
+    return resolved
+
+
+class PluginAdapter(nn.Module):
+    """Shared U, V (and an optional plugin encoder) attached to one base model."""
+
+    def __init__(self, base: BaseModel, config: AdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.identity = base.identity
+        self._state = _Composition()
+        decoder_layers = base.model.model.layers
+        self.layer_ids = _resolve_layers(config.layers, len(decoder_layers))
+        self.module_names: list[str] = []
+        wrapped: list[PluginLinear] = []
+        scale = config.alpha / config.rank
+        for layer_id in self.layer_ids:
+            for target in config.targets:
+                parent_path, attr = TARGET_PATHS[target].split(".")
+                parent = getattr(decoder_layers[layer_id], parent_path)
+                original = getattr(parent, attr)
+                if isinstance(original, PluginLinear):
+                    raise CheckpointError("this base model already carries a plugin adapter")
+                module = PluginLinear(
+                    original, len(wrapped), config.rank, scale, config.seed, config.u_init_std, self._state
+                )
+                setattr(parent, attr, module)
+                wrapped.append(module)
+                self.module_names.append(f"layers.{layer_id}.{TARGET_PATHS[target]}")
+        self.plugin_modules = nn.ModuleList(wrapped)
+        self.encoder = PluginEncoder(config.encoder, base, self.plugin_shape) if config.encoder else None
+        self.lowest_layer = min(self.layer_ids)
+
+    @property
+    def plugin_shape(self) -> tuple[int, int]:
+        """(M, r): one row of r numbers per adapted module."""
+        return (len(self.module_names), self.config.rank)
+
+    @property
+    def plugin_bytes(self) -> int:
+        m, r = self.plugin_shape
+        return m * r * 4  # float32
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """U and V of every module (and the encoder's weights): what fit learns, what fold-in freezes."""
+        params = [p for m in self.plugin_modules for p in (m.U, m.V)]
+        if self.encoder is not None:
+            params += list(self.encoder.trainable_parameters())
+        return params
+
+    @contextmanager
+    def use(self, z: Tensor | None) -> Iterator[None]:
+        """Apply composition z (B, M, r) (or (M, r), broadcast) to forwards on this thread; None means z = 0."""
+        if z is not None:
+            if z.dim() == 2:
+                z = z[None]
+            if tuple(z.shape[1:]) != self.plugin_shape:
+                raise ValueError(f"composition of shape {tuple(z.shape)}, adapter wants (B, {self.plugin_shape})")
+        previous = self._state.z
+        self._state.z = z
+        try:
+            yield
+        finally:
+            self._state.z = previous
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {}
+        for i, m in enumerate(self.plugin_modules):
+            tensors[f"U.{i}"] = m.U.detach().contiguous()
+            tensors[f"V.{i}"] = m.V.detach().contiguous()
+        if self.encoder is not None:
+            for name, t in self.encoder.trainable_state().items():
+                tensors[f"encoder.{name}"] = t.detach().contiguous()
+        return tensors
+
+    def save(self, folder: Path, extra: dict[str, object] | None = None) -> str:
+        """Write the checkpoint (safetensors + JSON) atomically enough: weights first, config last. Returns its id."""
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (WEIGHTS_FILE + ".tmp")
+        save_file(self.state_tensors(), str(tmp))
+        tmp.replace(folder / WEIGHTS_FILE)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.model_dump(),
+            "base_model": {"name": self.identity.name, "sha256": self.identity.sha256},
+            "seed": self.config.seed,
+            "created_at": time.time(),
+            "extra": extra or {},
+        }
+        tmp_meta = folder / (CONFIG_FILE + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2))
+        tmp_meta.replace(folder / CONFIG_FILE)
+        return checkpoint_id(folder)
+
+    @classmethod
+    def load(cls, folder: Path, base: BaseModel) -> PluginAdapter:
+        """Attach a saved adapter to base; a checkpoint of another base model is refused."""
+        meta = read_checkpoint_meta(folder)
+        recorded = ModelIdentity(**meta["base_model"])
+        if recorded.sha256 != base.identity.sha256:
+            raise CheckpointError(
+                f"adapter {folder} was fitted on base model {recorded.name} (sha256 {recorded.sha256[:12]}), "
+                f"not on the loaded {base.identity.name} (sha256 {base.identity.sha256[:12]})"
+            )
+        adapter = cls(base, AdapterConfig.model_validate(meta["config"]))
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+        with torch.no_grad():
+            for i, m in enumerate(adapter.plugin_modules):
+                m.U.copy_(tensors[f"U.{i}"])
+                m.V.copy_(tensors[f"V.{i}"])
+            if adapter.encoder is not None:
+                adapter.encoder.load_trainable_state(
+                    {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
+                )
+        adapter.checkpoint_id = checkpoint_id(folder)
+        return adapter
+
+    checkpoint_id: str | None = None
+
+
+def read_checkpoint_meta(folder: Path) -> dict:  # type: ignore[type-arg]
+    config_path = folder / CONFIG_FILE
+    if not config_path.exists() or not (folder / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"no adapter checkpoint in {folder} (run `kplug fit` or `kplug adapter default`)")
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    return meta  # type: ignore[no-any-return]
+
+
+def checkpoint_id(folder: Path) -> str:
+    """A short content hash of the checkpoint's weights and config: what stored plugins belong to."""
+    digest = hashlib.sha256()
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        data = (folder / name).read_bytes()
+        if name == CONFIG_FILE:  # the creation time must not change the id of identical weights
+            meta = json.loads(data)
+            meta.pop("created_at", None)
+            data = json.dumps(meta, sort_keys=True).encode()
+        digest.update(data)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,68 @@
+"""Training examples made from a document, by name. Fit builders may read a document's questions; the builders
+used for fold-in (registration) read its text alone."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from adapters.corpus import Document
+
+
+@dataclass(frozen=True)
+class Example:
+    """A user message (rendered with the chat template) or raw text prompt, and the target to learn."""
+
+    prompt: str
+    target: str
+    chat: bool = True
+
+
+ANSWER_END = "<|im_end|>"
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+# Entity-like spans: numbers and years, or runs of capitalised words (with short joiners such as "of").
+_SPAN = re.compile(
+    r"\b\d[\d,.]*(?:\s(?:million|billion|percent|%))?\b"
+    r"|\b[A-Z][\w'\-]+(?:\s(?:of|the|de|and|for|in)?\s?[A-Z][\w'\-]+)*"
+)
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(text.strip()) if len(s.split()) >= 4]
+
+
+def qa_examples(doc: Document) -> list[Example]:
+    """The document's own questions with their first reference answer (fitting corpora only)."""
+    return [Example(qa.question, qa.answers[0] + ANSWER_END) for qa in doc.questions if qa.answers]
+
+
+def lm_examples(doc: Document) -> list[Example]:
+    """Plain next-token prediction on the text."""
+    return [Example("", doc.text, chat=False)]
+
+
+def cloze_spans(sentence: str) -> list[tuple[int, int]]:
+    spans = []
+    for m in _SPAN.finditer(sentence):
+        if m.start() == 0 and " " not in m.group():  # a lone capitalised first word is rarely an entity
+            continue
+        spans.append((m.start(), m.end()))
+    return spans
+
+
+def cloze_examples(doc: Document, per_sentence: int = 3) -> list[Example]:
+    """Sentences with an entity or number blanked out; the target is the missing span."""
+    out = []
+    for sent in sentences(doc.text):
+        for start, end in cloze_spans(sent)[:per_sentence]:
+            blanked = sent[:start] + "____" + sent[end:]
+            out.append(Example(f"Fill in the blank: {blanked}", sent[start:end] + ANSWER_END))
+    return out or lm_examples(doc)
+
+
+EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
+    "qa": qa_examples,
+    "lm": lm_examples,
+    "cloze": cloze_examples,
+}

@@ -1,0 +1,51 @@
+"""A causal LM's forward split at a layer, so that frozen lower layers run once and are cached.
+
+Layers below the lowest adapted one do not depend on the plugin: fit and fold-in compute their output once per
+example (``run_layers(..., 0, start)``) and every training step runs only ``start..n`` plus the head, on the
+target positions alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask
+
+IGNORE = -100
+
+
+def positions(attention_mask: Tensor) -> Tensor:
+    """Position ids (B, T) that skip padding, for left or right padded rows."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def run_layers(model: nn.Module, h: Tensor, attention_mask: Tensor, start: int, end: int) -> Tensor:
+    """Decoder layers [start, end) on hidden states h (B, T, d); returns (B, T, d)."""
+    inner = model.model
+    pos = positions(attention_mask)  # (B, T)
+    mask = create_causal_mask(
+        config=model.config, inputs_embeds=h, attention_mask=attention_mask, past_key_values=None, position_ids=pos
+    )
+    rope = inner.rotary_emb(h, position_ids=pos)  # (cos, sin), each (B, T, head_dim)
+    for layer in inner.layers[start:end]:
+        h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+    return h
+
+
+def embed(model: nn.Module, input_ids: Tensor) -> Tensor:
+    return model.model.embed_tokens(input_ids)  # (B, T, d)
+
+
+def target_nll(model: nn.Module, h: Tensor, attention_mask: Tensor, labels: Tensor, start: int) -> Tensor:
+    """Mean next-token NLL per row (B,) on labelled positions, running layers start..n from h (B, T, d)."""
+    n_layers = len(model.model.layers)
+    h = model.model.norm(run_layers(model, h, attention_mask, start, n_layers))  # (B, T, d)
+    targets = labels[:, 1:]  # (B, T-1)
+    chosen = targets != IGNORE  # (B, T-1)
+    logits = model.lm_head(h[:, :-1][chosen])  # (N, V): the head only where there is a target
+    token_nll = F.cross_entropy(logits.float(), targets[chosen], reduction="none")  # (N,)
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[chosen]  # (N,)
+    per_row = torch.zeros(labels.shape[0], dtype=token_nll.dtype).index_add(0, rows, token_nll)  # (B,)
+    counts = chosen.sum(1).clamp(min=1)  # (B,)
+    return per_row / counts

@@ -1,0 +1,38 @@
+"""Reference batched greedy decoding with one composition per row. The service's engine must match it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from adapters.adapter import PluginAdapter
+
+
+def greedy_generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    adapter: PluginAdapter | None,
+    prompts: Sequence[str],
+    z: Tensor | None,
+    max_new_tokens: int,
+    stop_at_eos: bool = True,
+) -> list[str]:
+    """Greedy continuations of chat prompts; z (B, M, r) gives row b its own plugin composition (None: z = 0)."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad(), adapter.use(z) if adapter is not None else nullcontext():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
+            min_new_tokens=0 if stop_at_eos else max_new_tokens,
+        )  # (B, T + new)
+    new = out[:, batch["input_ids"].shape[1] :]  # (B, new)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+

@@ -1,0 +1,265 @@
+"""Fit (learn the shared U, V, encoder) and fold-in (learn one document's x_d with everything shared frozen).
+
+Both minimise an objective over training examples made from documents. The examples (``EXAMPLE_BUILDERS``)
+and the objective (``Objective``) are pluggable. Layers below the lowest adapted one are run once per example
+and cached; each step runs only the adapted top of the network, and the LM head only where there are targets.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel as Schema
+from pydantic import ConfigDict, Field
+from torch import Tensor, nn
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from adapters.adapter import PluginAdapter
+from adapters.corpus import Document
+from adapters.encoder import token_features
+from adapters.errors import InvalidInputError
+from adapters.examples import EXAMPLE_BUILDERS, Example
+from adapters.forward import IGNORE, embed, run_layers, target_nll
+from adapters.prompts import chat_prompt
+
+# (model, h at the first adapted layer (B, T, d), mask (B, T), labels (B, T), first adapted layer) -> loss (B,)
+Objective = Callable[[nn.Module, Tensor, Tensor, Tensor, int], Tensor]
+
+
+class FoldInConfig(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    examples: str = "cloze"
+    steps: int = Field(0, ge=0)  # 0: the encoder's plugin as it is
+    lr: float = Field(0.1, gt=0)
+    l2: float = Field(1e-4, ge=0)
+    max_len: int = Field(256, ge=8)
+
+
+class FitConfig(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    examples: str = "qa"
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    x_lr: float = Field(0.05, gt=0)  # free per-document x, when the adapter has no encoder
+    l2: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_len: int = Field(256, ge=8)
+    seed: int = 0
+
+
+@dataclass
+class FoldInResult:
+    plugin: np.ndarray  # (M, r) float32
+    loss: float  # objective after fold-in
+    initial_loss: float  # objective at the starting plugin
+    seconds: float
+
+
+@dataclass
+class FitReport:
+    steps: int
+    losses: list[float]
+    seconds: float
+
+
+@dataclass
+class _Encoded:
+    doc: int  # index of the document the example was made from
+    ids: Tensor  # (T,)
+    labels: Tensor  # (T,)
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase, doc: int, examples: Sequence[Example], max_len: int
+) -> list[_Encoded]:
+    out = []
+    for ex in examples:
+        text = chat_prompt(tokenizer, ex.prompt) if ex.chat else ex.prompt
+        prompt = tokenizer(text, add_special_tokens=False).input_ids if text else []
+        target = tokenizer(ex.target, add_special_tokens=False).input_ids
+        ids = (prompt + target)[:max_len]
+        labels = ([IGNORE] * len(prompt) + target)[:max_len]
+        if any(label != IGNORE for label in labels[1:]):
+            out.append(_Encoded(doc, torch.tensor(ids), torch.tensor(labels)))
+    return out
+
+
+def _pad(rows: Sequence[Tensor], value: float | int) -> Tensor:
+    return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=value)
+
+
+class _PrefixCache:
+    """Hidden states at the first adapted layer, per example, computed once without gradient."""
+
+    def __init__(self, model: nn.Module, examples: Sequence[_Encoded], start: int, batch: int = 16) -> None:
+        self.start = start
+        self.states: list[Tensor] = []
+        with torch.no_grad():
+            for i in range(0, len(examples), batch):
+                chunk = examples[i : i + batch]
+                ids = _pad([e.ids for e in chunk], 0)  # (B, T)
+                mask = _pad([torch.ones_like(e.ids) for e in chunk], 0)  # (B, T)
+                h = run_layers(model, embed(model, ids), mask, 0, start)  # (B, T, d)
+                self.states += [h[j, : len(e.ids)] for j, e in enumerate(chunk)]
+
+    def batch(self, idx: Sequence[int], examples: Sequence[_Encoded]) -> tuple[Tensor, Tensor, Tensor]:
+        h = _pad([self.states[i] for i in idx], 0.0)  # (B, T, d)
+        mask = _pad([torch.ones(len(examples[i].ids), dtype=torch.long) for i in idx], 0)  # (B, T)
+        labels = _pad([examples[i].labels for i in idx], IGNORE)  # (B, T)
+        return h, mask, labels
+
+
+def _doc_features(
+    adapter: PluginAdapter, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+) -> list[Tensor]:
+    """Encoder inputs per document, (T, 2d) each; empty when the adapter has no encoder."""
+    if adapter.encoder is None:
+        return []
+    cfg = adapter.encoder.config
+    feats = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[: cfg.max_tokens]])  # (1, T)
+        feats.append(token_features(model, cfg.layer, ids, torch.ones_like(ids))[0])  # (T, 2d)
+    return feats
+
+
+def _encode_docs(adapter: PluginAdapter, feats: Sequence[Tensor]) -> Tensor:
+    assert adapter.encoder is not None
+    x = _pad(list(feats), 0.0)  # (N, T, 2d)
+    mask = _pad([torch.ones(len(f)) for f in feats], 0.0)  # (N, T)
+    return adapter.encoder(x, mask)  # (N, M, r)
+
+
+def build_examples(name: str, docs: Sequence[Document]) -> list[list[Example]]:
+    if name not in EXAMPLE_BUILDERS:
+        raise InvalidInputError(f"unknown example builder {name!r}; known: {sorted(EXAMPLE_BUILDERS)}")
+    return [EXAMPLE_BUILDERS[name](doc) for doc in docs]
+
+
+def encode_plugins(
+    adapter: PluginAdapter, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+) -> Tensor:
+    """The starting plugins (N, M, r): the encoder's output, or zeros without an encoder."""
+    if adapter.encoder is None:
+        return torch.zeros(len(texts), *adapter.plugin_shape)
+    with torch.no_grad():
+        return _encode_docs(adapter, _doc_features(adapter, model, tokenizer, texts))
+
+
+def fold_in(
+    adapter: PluginAdapter,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    config: FoldInConfig,
+    objective: Objective = target_nll,
+) -> list[FoldInResult]:
+    """Plugins for texts, with U, V, A and the encoder frozen; documents are folded in together, one row each."""
+    for text in texts:
+        if not text.strip():
+            raise InvalidInputError("cannot fold in an empty document")
+    started = time.perf_counter()
+    x0 = encode_plugins(adapter, model, tokenizer, texts)  # (N, M, r)
+    per_doc = build_examples(config.examples, [Document(str(i), t) for i, t in enumerate(texts)])
+    examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
+    if not examples:
+        raise InvalidInputError("the document yields no training examples")
+    cache = _PrefixCache(model, examples, adapter.lowest_layer)
+    idx = list(range(len(examples)))
+    doc_of = torch.tensor([e.doc for e in examples])  # (E,)
+    h, mask, labels = cache.batch(idx, examples)
+
+    def per_doc_loss(x: Tensor) -> Tensor:  # x (N, M, r) -> (N,)
+        with adapter.use(x[doc_of]):
+            rows = objective(model, h, mask, labels, adapter.lowest_layer)  # (E,)
+        sums = torch.zeros(len(texts)).index_add(0, doc_of, rows)
+        return sums / torch.bincount(doc_of, minlength=len(texts)).clamp(min=1)
+
+    x = x0.clone().requires_grad_(config.steps > 0)
+    with torch.no_grad():
+        initial = per_doc_loss(x0)
+    final = initial
+    if config.steps:
+        opt = torch.optim.Adam([x], lr=config.lr)
+        for _ in range(config.steps):
+            opt.zero_grad()
+            loss = per_doc_loss(x)
+            (loss.sum() + config.l2 * (x**2).sum()).backward()
+            opt.step()
+        with torch.no_grad():
+            final = per_doc_loss(x)
+    seconds = (time.perf_counter() - started) / len(texts)
+    plugins = x.detach().float().numpy()
+    return [
+        FoldInResult(plugins[i].copy(), float(final[i]), float(initial[i]), seconds) for i in range(len(texts))
+    ]
+
+
+def fit(
+    adapter: PluginAdapter,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[Document],
+    config: FitConfig,
+    objective: Objective = target_nll,
+    progress: bool = True,
+) -> FitReport:
+    """Learn U, V (and the encoder, or else a free x per fitting document) on docs; the base stays frozen."""
+    started = time.perf_counter()
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    per_doc = build_examples(config.examples, docs)
+    examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
+    if not examples:
+        raise InvalidInputError(f"no {config.examples!r} training examples in the fitting corpus")
+    cache = _PrefixCache(model, examples, adapter.lowest_layer)
+    feats = _doc_features(adapter, model, tokenizer, [d.text for d in docs])
+    free_x = None
+    groups: list[dict] = [{"params": adapter.shared_parameters(), "lr": config.lr}]  # type: ignore[type-arg]
+    if adapter.encoder is None:
+        free_x = torch.zeros(len(docs), *adapter.plugin_shape, requires_grad=True)
+        groups.append({"params": [free_x], "lr": config.x_lr})
+    for p in adapter.shared_parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    total = max(1, int(config.epochs * len(examples) / config.batch_size))
+    order: list[int] = []
+    losses: list[float] = []
+    bar = tqdm(range(total), desc="fit", disable=not progress)
+    adapter.train()
+    try:
+        for _ in bar:
+            if len(order) < config.batch_size:
+                fresh = list(range(len(examples)))
+                rng.shuffle(fresh)
+                order += fresh
+            idx, order = order[: config.batch_size], order[config.batch_size :]
+            h, mask, labels = cache.batch(idx, examples)
+            doc_ids = torch.tensor([examples[i].doc for i in idx])  # (B,)
+            if free_x is not None:
+                z = free_x[doc_ids]  # (B, M, r)
+            else:
+                unique, inverse = torch.unique(doc_ids, return_inverse=True)
+                z = _encode_docs(adapter, [feats[int(u)] for u in unique])[inverse]  # (B, M, r)
+            with adapter.use(z):
+                nll = objective(model, h, mask, labels, adapter.lowest_layer).mean()
+            loss = nll + config.l2 * (z**2).sum(dim=(1, 2)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(nll.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    finally:
+        adapter.eval()
+        for p in adapter.shared_parameters():
+            p.requires_grad_(False)
+    return FitReport(total, losses, time.perf_counter() - started)

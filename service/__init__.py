@@ -1,0 +1,1 @@
+"""The HTTP service, the batching generation engine, settings and the command line."""

@@ -1,0 +1,98 @@
+"""The plugin math: the layer equals its dense weight, composition is linear, batching is per row."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adapters.adapter import PluginAdapter
+from adapters.base_model import BaseModel
+from adapters.plugin import compose, delta_weight, low_rank_delta, modulated_forward, retrieval_weights, subspace
+
+
+def _module(out_f: int = 12, in_f: int = 10, r: int = 3) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(out_f, in_f, generator=g)
+    U = torch.randn(out_f, r, generator=g)
+    V = torch.randn(r, in_f, generator=g)
+    A = subspace(7, 0, r, in_f)
+    return W, U, V, A
+
+
+def test_layer_output_equals_dense_weight() -> None:
+    W, U, V, A = _module()
+    h = torch.randn(2, 5, 10)  # (B, T, in)
+    z = torch.randn(2, 3)  # (B, r)
+    y = modulated_forward(h, W, U, V, A, z, scale=0.5)
+    for b in range(2):
+        dense = W + delta_weight(U, V, A, z[b], 0.5)
+        torch.testing.assert_close(y[b], h[b] @ dense.T)
+
+
+def test_subspace_regenerates_from_seed() -> None:
+    assert torch.equal(subspace(5, 2, 4, 8), subspace(5, 2, 4, 8))
+    assert not torch.equal(subspace(5, 2, 4, 8), subspace(6, 2, 4, 8))
+    assert not torch.equal(subspace(5, 2, 4, 8), subspace(5, 3, 4, 8))
+
+
+def test_composition_with_unit_weights_is_weighted_sum_of_single_deltas() -> None:
+    _, U, V, A = _module()
+    plugins = torch.randn(4, 1, 3)  # (K, M, r)
+    weights = retrieval_weights(torch.tensor([0.9, 0.5, 0.7, 0.1]))
+    assert abs(float(weights.sum()) - 1) < 1e-6
+    z = compose(plugins, weights)[0]
+    combined = delta_weight(U, V, A, z, 2.0)
+    singles = sum(w * delta_weight(U, V, A, x[0], 2.0) for w, x in zip(weights, plugins, strict=True))
+    torch.testing.assert_close(combined, singles)
+
+
+def test_zero_composition_is_base_plus_uv() -> None:
+    W, U, V, A = _module()
+    h = torch.randn(1, 4, 10)
+    expected = h @ (W + 1.5 * U @ V).T
+    torch.testing.assert_close(modulated_forward(h, W, U, V, A, torch.zeros(1, 3), 1.5), expected)
+    torch.testing.assert_close(modulated_forward(h, W, U, V, A, None, 1.5), expected)
+    torch.testing.assert_close(low_rank_delta(h, U, V, A, None, 1.5), h @ (1.5 * U @ V).T)
+
+
+def test_wrapped_module_matches_dense_weight_in_a_model(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    module = tiny_adapter.plugin_modules[2]
+    h = torch.randn(1, 3, module.base.in_features)
+    x = torch.randn(1, *tiny_adapter.plugin_shape)
+    with tiny_adapter.use(x):
+        y = module(h)
+    dense = module.base.weight + delta_weight(module.U, module.V, module.A, x[0, module.index], module.scale)
+    torch.testing.assert_close(y, h @ dense.T)
+
+
+def test_batch_of_compositions_equals_single_forwards(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    ids = torch.randint(3, 200, (4, 9))
+    z = torch.randn(4, *tiny_adapter.plugin_shape)  # (B, M, r): a different composition per row
+    with torch.no_grad(), tiny_adapter.use(z):
+        batched = tiny.model(ids).logits
+    for b in range(4):
+        with torch.no_grad(), tiny_adapter.use(z[b : b + 1]):
+            single = tiny.model(ids[b : b + 1]).logits
+        torch.testing.assert_close(batched[b : b + 1], single, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])  # the rows really differ
+
+
+def test_composition_changes_logits_and_none_restores(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    ids = torch.randint(3, 200, (1, 6))
+    with torch.no_grad():
+        before = tiny.model(ids).logits
+        with tiny_adapter.use(torch.randn(*tiny_adapter.plugin_shape) * 5):
+            during = tiny.model(ids).logits
+        after = tiny.model(ids).logits
+    assert not torch.allclose(before, during)
+    torch.testing.assert_close(before, after)
+
+
+def test_attaching_keeps_base_linear_objects(tiny: BaseModel) -> None:
+    original = tiny.model.model.layers[0].self_attn.q_proj
+    assert isinstance(original, nn.Linear)
+    from adapters.adapter import AdapterConfig
+
+    adapter = PluginAdapter(tiny, AdapterConfig(rank=2, targets=["q"], layers=[0, -1]))
+    assert adapter.plugin_modules[0].base is original
+    assert adapter.module_names == ["layers.0.self_attn.q_proj", "layers.3.self_attn.q_proj"]

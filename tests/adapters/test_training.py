@@ -1,0 +1,111 @@
+"""Fit and fold-in: they learn what they should and nothing else; checkpoints round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.adapter import AdapterConfig, PluginAdapter, read_checkpoint_meta
+from adapters.base_model import BaseModel, tiny_model
+from adapters.corpus import QA, Document
+from adapters.encoder import EncoderConfig
+from adapters.errors import CheckpointError, InvalidInputError
+from adapters.generation import greedy_generate
+from adapters.prompts import chat_prompt
+from adapters.training import FitConfig, FoldInConfig, fit, fold_in
+
+TEXT = "The Eiffel Tower in Paris was completed in 1889 by Gustave Eiffel for the World Fair."
+
+
+def _base_weights(base: BaseModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in base.model.state_dict().items() if ".U" not in k and ".V" not in k}
+
+
+def _shared(adapter: PluginAdapter) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in adapter.shared_parameters()]
+
+
+def test_fold_in_lowers_loss_and_leaves_shared_and_base_untouched(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    base_before, shared_before = _base_weights(tiny), _shared(tiny_adapter)
+    [result] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=15, lr=0.3))
+    assert result.loss < result.initial_loss - 0.05
+    assert result.plugin.shape == tiny_adapter.plugin_shape and result.plugin.dtype == "float32"
+    assert float(abs(result.plugin).sum()) > 0
+    for before, after in zip(shared_before, tiny_adapter.shared_parameters(), strict=True):
+        assert torch.equal(before, after)
+    for name, tensor in tiny.model.state_dict().items():
+        if name in base_before:
+            assert torch.equal(base_before[name], tensor), name
+
+
+def test_fold_in_rejects_empty_text(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    with pytest.raises(InvalidInputError):
+        fold_in(tiny_adapter, tiny.model, tiny.tokenizer, ["   "], FoldInConfig(steps=1))
+
+
+def test_fold_in_of_several_documents_equals_one_at_a_time(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    texts = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
+    together = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, texts, FoldInConfig(steps=5, lr=0.2))
+    for text, joint in zip(texts, together, strict=True):
+        [alone] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [text], FoldInConfig(steps=5, lr=0.2))
+        assert abs(alone.loss - joint.loss) < 1e-3
+
+
+def test_fit_learns_shared_matrices_and_leaves_base_untouched(tiny: BaseModel) -> None:
+    config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=32))
+    adapter = PluginAdapter(tiny, config)
+    docs = [
+        Document(f"d{i}", f"Document {i} is about the number {i * 7}.", {}, [QA(f"q{i}", f"Number in {i}?", (str(i * 7),))])
+        for i in range(6)
+    ]
+    base_before, shared_before = _base_weights(tiny), _shared(adapter)
+    report = fit(adapter, tiny.model, tiny.tokenizer, docs, FitConfig(epochs=8, batch_size=3, lr=3e-3), progress=False)
+    assert report.steps == 16
+    assert sum(report.losses[-3:]) < sum(report.losses[:3])
+    assert any(not torch.equal(b, a) for b, a in zip(shared_before, adapter.shared_parameters(), strict=True))
+    for name, tensor in tiny.model.state_dict().items():
+        if name in base_before:
+            assert torch.equal(base_before[name], tensor), name
+    # after fit, the encoder writes document-dependent plugins
+    [a, b] = fold_in(adapter, tiny.model, tiny.tokenizer, [docs[0].text, docs[1].text], FoldInConfig(steps=0))
+    assert abs(a.plugin - b.plugin).max() > 0
+
+
+def test_generation_leaves_base_untouched(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    before = _base_weights(tiny)
+    z = torch.randn(2, *tiny_adapter.plugin_shape)
+    prompts = [chat_prompt(tiny.tokenizer, "hello"), chat_prompt(tiny.tokenizer, "a longer question here")]
+    outs = greedy_generate(tiny.model, tiny.tokenizer, tiny_adapter, prompts, z, 5)
+    assert len(outs) == 2
+    for name, tensor in tiny.model.state_dict().items():
+        if name in before:
+            assert torch.equal(before[name], tensor), name
+
+
+def test_checkpoint_round_trip_gives_same_outputs(tmp_path: Path, tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    ids = torch.randint(3, 200, (2, 7))
+    z = torch.randn(2, *tiny_adapter.plugin_shape)
+    with torch.no_grad(), tiny_adapter.use(z):
+        expected = tiny.model(ids).logits
+    ckpt_id = tiny_adapter.save(tmp_path / "ckpt")
+    meta = read_checkpoint_meta(tmp_path / "ckpt")
+    assert meta["base_model"]["sha256"] == tiny.identity.sha256 and meta["seed"] == 3
+
+    fresh = tiny_model(seed=0)
+    loaded = PluginAdapter.load(tmp_path / "ckpt", fresh)
+    assert loaded.checkpoint_id == ckpt_id
+    with torch.no_grad(), loaded.use(z):
+        torch.testing.assert_close(fresh.model(ids).logits, expected)
+
+
+def test_checkpoint_for_another_base_model_is_refused(tmp_path: Path, tiny_adapter: PluginAdapter) -> None:
+    tiny_adapter.save(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="fitted on base model"):
+        PluginAdapter.load(tmp_path / "ckpt", tiny_model(seed=1))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, tiny: BaseModel) -> None:
+    with pytest.raises(CheckpointError, match="no adapter checkpoint"):
+        PluginAdapter.load(tmp_path, tiny)
