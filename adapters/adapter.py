@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel as Schema
@@ -51,7 +51,7 @@ class AdapterConfig(Schema):
     rank: int = Field(16, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0)
     seed: int = 0
-    targets: list[Target] = Field(default_factory=lambda: ["o", "down"])
+    targets: list[Target] = Field(default_factory=lambda: list[Target](["o", "down"]))
     layers: list[int] | None = None  # None: every layer; negative indices count from the top
     u_init_std: float = Field(0.02, ge=0)  # U != 0 at init so that x has a gradient before any fit
     encoder: EncoderConfig | None = None
@@ -59,6 +59,7 @@ class AdapterConfig(Schema):
 
 class _Composition(threading.local):
     z: Tensor | None = None  # (B, M, r)
+    gate: Tensor | None = None  # (B,): 0 turns the adapter off for that row
 
 
 class PluginLinear(nn.Module):
@@ -75,13 +76,15 @@ class PluginLinear(nn.Module):
         gen = torch.Generator().manual_seed(seed * 7919 + index)
         self.U = nn.Parameter(torch.randn(out_f, rank, generator=gen) * u_std)  # (out, r)
         self.V = nn.Parameter(torch.zeros(rank, in_f))  # (r, in): x = 0 starts as the bare base model
+        self.A: Tensor
         self.register_buffer("A", subspace(seed, index, rank, in_f), persistent=False)  # (r, in)
         self._state = state
 
     def forward(self, h: Tensor) -> Tensor:  # h (B, T, in)
         z = self._state.z
         zm = None if z is None else z[:, self.index, :]  # (B, r)
-        return self.base(h) + low_rank_delta(h, self.U, self.V, self.A, zm, self.scale)  # (B, T, out)
+        delta = low_rank_delta(h, self.U, self.V, self.A, zm, self.scale, self._state.gate)  # (B, T, out)
+        return self.base(h) + delta
 
 
 def _resolve_layers(layers: list[int] | None, n_layers: int) -> list[int]:
@@ -119,7 +122,8 @@ class PluginAdapter(nn.Module):
                 setattr(parent, attr, module)
                 wrapped.append(module)
                 self.module_names.append(f"layers.{layer_id}.{TARGET_PATHS[target]}")
-        self.plugin_modules = nn.ModuleList(wrapped)
+        self.plugin_modules: list[PluginLinear] = wrapped
+        self.wrapped = nn.ModuleList(wrapped)  # registers them as submodules
         self.encoder = PluginEncoder(config.encoder, base, self.plugin_shape) if config.encoder else None
         self.lowest_layer = min(self.layer_ids)
 
@@ -137,23 +141,26 @@ class PluginAdapter(nn.Module):
         """U and V of every module (and the encoder's weights): what fit learns, what fold-in freezes."""
         params = [p for m in self.plugin_modules for p in (m.U, m.V)]
         if self.encoder is not None:
-            params += list(self.encoder.trainable_parameters())
+            params += self.encoder.trainable_parameters()
         return params
 
     @contextmanager
-    def use(self, z: Tensor | None) -> Iterator[None]:
-        """Apply composition z (B, M, r) (or (M, r), broadcast) to forwards on this thread; None means z = 0."""
+    def use(self, z: Tensor | None, gate: Tensor | None = None) -> Iterator[None]:
+        """Apply composition z (B, M, r) (or (M, r), broadcast) to forwards on this thread; None means z = 0.
+
+        gate (B,) optionally scales each row's delta: 0 gives that row the bare base model.
+        """
         if z is not None:
             if z.dim() == 2:
                 z = z[None]
             if tuple(z.shape[1:]) != self.plugin_shape:
                 raise ValueError(f"composition of shape {tuple(z.shape)}, adapter wants (B, {self.plugin_shape})")
-        previous = self._state.z
-        self._state.z = z
+        previous = (self._state.z, self._state.gate)
+        self._state.z, self._state.gate = z, gate
         try:
             yield
         finally:
-            self._state.z = previous
+            self._state.z, self._state.gate = previous
 
     # ---- checkpoints -------------------------------------------------------------------------------------
 
@@ -212,7 +219,7 @@ class PluginAdapter(nn.Module):
     checkpoint_id: str | None = None
 
 
-def read_checkpoint_meta(folder: Path) -> dict:  # type: ignore[type-arg]
+def read_checkpoint_meta(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG_FILE
     if not config_path.exists() or not (folder / WEIGHTS_FILE).exists():
         raise CheckpointError(f"no adapter checkpoint in {folder} (run `kplug fit` or `kplug adapter default`)")
@@ -222,7 +229,7 @@ def read_checkpoint_meta(folder: Path) -> dict:  # type: ignore[type-arg]
         raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder}: format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    return meta  # type: ignore[no-any-return]
+    return dict(meta)
 
 
 def checkpoint_id(folder: Path) -> str:

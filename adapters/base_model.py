@@ -22,8 +22,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -33,7 +33,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from adapters.errors import ModelIntegrityError, ModelNotFoundError  # noqa: E402
+from adapters.errors import ModelIntegrityError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def fetch_default_model(cache_dir: Path | None = None, force: bool = False) -> P
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are dequantised float32 now; drop the GGUF markers so that they save as plain safetensors.
         del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+        setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute by torch)
+        setattr(model, "is_quantized", False)  # noqa: B010
         staging = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else None))
         target.parent.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(staging)

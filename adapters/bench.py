@@ -72,7 +72,8 @@ def bench_adapter(
     def run_plugin() -> None:
         greedy_generate(base.model, base.tokenizer, adapter, prompt, z, new_tokens, stop_at_eos=False)
 
-    run_bare(), run_plugin()  # warm-up
+    run_bare()  # warm-up
+    run_plugin()
     base_rates, plugin_rates = [], []
     for _ in range(repeats):
         base_rates.append(_tokens_per_s(run_bare, new_tokens))

@@ -30,7 +30,7 @@ class Document:
 
 
 def parse_range(spec: str) -> list[int]:
-    """"0-23" or "1,3,5-7" -> sorted article numbers."""
+    """ "0-23" or "1,3,5-7" -> sorted article numbers."""
     out: set[int] = set()
     try:
         for part in spec.split(","):
@@ -52,9 +52,7 @@ def load_squad(path: Path, articles: list[int] | None = None) -> list[Document]:
         if articles is not None and a not in articles:
             continue
         for p, para in enumerate(article["paragraphs"]):
-            qas = [
-                QA(q["id"], q["question"].strip(), tuple(ans["text"] for ans in q["answers"])) for q in para["qas"]
-            ]
+            qas = [QA(q["id"], q["question"].strip(), tuple(ans["text"] for ans in q["answers"])) for q in para["qas"]]
             meta = {"title": article["title"], "article": a, "paragraph": p, "source": "squad"}
             docs.append(Document(f"squad-{a:02d}-{p:03d}", para["context"], meta, qas))
     return docs

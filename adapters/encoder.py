@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from adapters.base_model import BaseModel
+    from adapters.forward import CausalLM
 
 
 class EncoderConfig(Schema):
@@ -60,7 +61,7 @@ class PluginEncoder(nn.Module):
         return pooled.view(-1, *self.plugin_shape)  # (B, M, r)
 
 
-def token_features(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def token_features(model: CausalLM, layer: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """[h^(layer); embedding] per token (B, T, 2d), running only the first `layer` decoder layers, no plugin."""
     from adapters.forward import run_layers
 

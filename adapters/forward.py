@@ -7,12 +7,16 @@ target positions alone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.masking_utils import create_causal_mask
 
 IGNORE = -100
+# A Hugging Face causal LM of the Llama family (model.model.layers, rotary_emb, norm; lm_head): duck-typed.
+CausalLM = Any
 
 
 def positions(attention_mask: Tensor) -> Tensor:
@@ -20,7 +24,7 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def run_layers(model: nn.Module, h: Tensor, attention_mask: Tensor, start: int, end: int) -> Tensor:
+def run_layers(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int, end: int) -> Tensor:
     """Decoder layers [start, end) on hidden states h (B, T, d); returns (B, T, d)."""
     inner = model.model
     pos = positions(attention_mask)  # (B, T)
@@ -33,11 +37,11 @@ def run_layers(model: nn.Module, h: Tensor, attention_mask: Tensor, start: int, 
     return h
 
 
-def embed(model: nn.Module, input_ids: Tensor) -> Tensor:
+def embed(model: CausalLM, input_ids: Tensor) -> Tensor:
     return model.model.embed_tokens(input_ids)  # (B, T, d)
 
 
-def target_nll(model: nn.Module, h: Tensor, attention_mask: Tensor, labels: Tensor, start: int) -> Tensor:
+def target_nll(model: CausalLM, h: Tensor, attention_mask: Tensor, labels: Tensor, start: int) -> Tensor:
     """Mean next-token NLL per row (B,) on labelled positions, running layers start..n from h (B, T, d)."""
     n_layers = len(model.model.layers)
     h = model.model.norm(run_layers(model, h, attention_mask, start, n_layers))  # (B, T, d)

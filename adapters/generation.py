@@ -6,14 +6,15 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from adapters.adapter import PluginAdapter
+from adapters.forward import CausalLM
 
 
 def greedy_generate(
-    model: nn.Module,
+    model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     adapter: PluginAdapter | None,
     prompts: Sequence[str],
@@ -34,5 +35,4 @@ def greedy_generate(
             min_new_tokens=0 if stop_at_eos else max_new_tokens,
         )  # (B, T + new)
     new = out[:, batch["input_ids"].shape[1] :]  # (B, new)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-
+    return [str(tokenizer.decode(row, skip_special_tokens=True)).strip() for row in new]

@@ -28,17 +28,22 @@ def subspace(seed: int, module_index: int, rank: int, in_features: int) -> Tenso
     return torch.randn(rank, in_features, generator=gen) / math.sqrt(in_features)  # (r, in)
 
 
-def low_rank_delta(h: Tensor, U: Tensor, V: Tensor, A: Tensor, z: Tensor | None, scale: float) -> Tensor:
-    """The adapter's contribution s * U (V h + z * (A h)); z is (B, r) one row per batch row, or None for z = 0."""
+def low_rank_delta(
+    h: Tensor, U: Tensor, V: Tensor, A: Tensor, z: Tensor | None, scale: float, gate: Tensor | None = None
+) -> Tensor:
+    """The adapter's contribution s * U (V h + z * (A h)).
+
+    z is (B, r), one row per batch row, or None for z = 0; gate (B,) scales each row's whole delta, so a row with
+    gate 0 is exactly the bare base model while its neighbours in the batch use plugins.
+    """
     inner = h @ V.T  # (B, T, r)
     if z is not None:
         inner = inner + z[:, None, :].to(h.dtype) * (h @ A.T)  # (B, T, r)
-    return scale * (inner @ U.T)  # (B, T, out)
+    delta = scale * (inner @ U.T)  # (B, T, out)
+    return delta if gate is None else delta * gate[:, None, None].to(h.dtype)
 
 
-def modulated_forward(
-    h: Tensor, W: Tensor, U: Tensor, V: Tensor, A: Tensor, z: Tensor | None, scale: float
-) -> Tensor:
+def modulated_forward(h: Tensor, W: Tensor, U: Tensor, V: Tensor, A: Tensor, z: Tensor | None, scale: float) -> Tensor:
     """y = W h + s * U (V h + z * (A h)) for h (B, T, in)."""
     return h @ W.T + low_rank_delta(h, U, V, A, z, scale)  # (B, T, out)
 

@@ -11,12 +11,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -25,18 +26,18 @@ from adapters.corpus import Document
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
 from adapters.examples import EXAMPLE_BUILDERS, Example
-from adapters.forward import IGNORE, embed, run_layers, target_nll
+from adapters.forward import IGNORE, CausalLM, embed, run_layers, target_nll
 from adapters.prompts import chat_prompt
 
 # (model, h at the first adapted layer (B, T, d), mask (B, T), labels (B, T), first adapted layer) -> loss (B,)
-Objective = Callable[[nn.Module, Tensor, Tensor, Tensor, int], Tensor]
+Objective = Callable[[CausalLM, Tensor, Tensor, Tensor, int], Tensor]
 
 
 class FoldInConfig(Schema):
     model_config = ConfigDict(extra="forbid")
 
     examples: str = "cloze"
-    steps: int = Field(0, ge=0)  # 0: the encoder's plugin as it is
+    steps: int | None = Field(None, ge=0)  # None: 0 with an encoder (its plugin as it is), else 30
     lr: float = Field(0.1, gt=0)
     l2: float = Field(1e-4, ge=0)
     max_len: int = Field(256, ge=8)
@@ -59,8 +60,8 @@ class FitConfig(Schema):
 @dataclass
 class FoldInResult:
     plugin: np.ndarray  # (M, r) float32
-    loss: float  # objective after fold-in
-    initial_loss: float  # objective at the starting plugin
+    loss: float | None  # objective after fold-in; None on the amortised path (no steps, nothing trained)
+    initial_loss: float | None  # objective at the starting plugin
     seconds: float
 
 
@@ -100,7 +101,7 @@ def _pad(rows: Sequence[Tensor], value: float | int) -> Tensor:
 class _PrefixCache:
     """Hidden states at the first adapted layer, per example, computed once without gradient."""
 
-    def __init__(self, model: nn.Module, examples: Sequence[_Encoded], start: int, batch: int = 16) -> None:
+    def __init__(self, model: CausalLM, examples: Sequence[_Encoded], start: int, batch: int = 16) -> None:
         self.start = start
         self.states: list[Tensor] = []
         with torch.no_grad():
@@ -119,7 +120,7 @@ class _PrefixCache:
 
 
 def _doc_features(
-    adapter: PluginAdapter, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+    adapter: PluginAdapter, model: CausalLM, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
 ) -> list[Tensor]:
     """Encoder inputs per document, (T, 2d) each; empty when the adapter has no encoder."""
     if adapter.encoder is None:
@@ -146,7 +147,7 @@ def build_examples(name: str, docs: Sequence[Document]) -> list[list[Example]]:
 
 
 def encode_plugins(
-    adapter: PluginAdapter, model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+    adapter: PluginAdapter, model: CausalLM, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
 ) -> Tensor:
     """The starting plugins (N, M, r): the encoder's output, or zeros without an encoder."""
     if adapter.encoder is None:
@@ -157,26 +158,34 @@ def encode_plugins(
 
 def fold_in(
     adapter: PluginAdapter,
-    model: nn.Module,
+    model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
+    documents: Sequence[str | Document],
     config: FoldInConfig,
     objective: Objective = target_nll,
 ) -> list[FoldInResult]:
-    """Plugins for texts, with U, V, A and the encoder frozen; documents are folded in together, one row each."""
+    """Plugins for documents, with U, V, A and the encoder frozen; they are folded in together, one row each.
+
+    Registration passes texts; a Document with questions is for diagnostics whose example builder reads them.
+    """
+    docs = [d if isinstance(d, Document) else Document(str(i), d) for i, d in enumerate(documents)]
+    texts = [d.text for d in docs]
     for text in texts:
         if not text.strip():
             raise InvalidInputError("cannot fold in an empty document")
     started = time.perf_counter()
     x0 = encode_plugins(adapter, model, tokenizer, texts)  # (N, M, r)
-    per_doc = build_examples(config.examples, [Document(str(i), t) for i, t in enumerate(texts)])
+    steps = config.steps if config.steps is not None else (0 if adapter.encoder is not None else 30)
+    if steps == 0:  # the amortised path: one encoder forward, nothing trained, no loss to report
+        seconds = (time.perf_counter() - started) / len(texts)
+        return [FoldInResult(x.float().numpy().copy(), None, None, seconds) for x in x0]
+    per_doc = build_examples(config.examples, docs)
     examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
         raise InvalidInputError("the document yields no training examples")
     cache = _PrefixCache(model, examples, adapter.lowest_layer)
-    idx = list(range(len(examples)))
     doc_of = torch.tensor([e.doc for e in examples])  # (E,)
-    h, mask, labels = cache.batch(idx, examples)
+    h, mask, labels = cache.batch(range(len(examples)), examples)
 
     def per_doc_loss(x: Tensor) -> Tensor:  # x (N, M, r) -> (N,)
         with adapter.use(x[doc_of]):
@@ -184,19 +193,17 @@ def fold_in(
         sums = torch.zeros(len(texts)).index_add(0, doc_of, rows)
         return sums / torch.bincount(doc_of, minlength=len(texts)).clamp(min=1)
 
-    x = x0.clone().requires_grad_(config.steps > 0)
+    x = x0.clone().requires_grad_(True)
     with torch.no_grad():
         initial = per_doc_loss(x0)
-    final = initial
-    if config.steps:
-        opt = torch.optim.Adam([x], lr=config.lr)
-        for _ in range(config.steps):
-            opt.zero_grad()
-            loss = per_doc_loss(x)
-            (loss.sum() + config.l2 * (x**2).sum()).backward()
-            opt.step()
-        with torch.no_grad():
-            final = per_doc_loss(x)
+    opt = torch.optim.Adam([x], lr=config.lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = per_doc_loss(x)
+        (loss.sum() + config.l2 * (x**2).sum()).backward()
+        opt.step()
+    with torch.no_grad():
+        final = per_doc_loss(x)
     seconds = (time.perf_counter() - started) / len(texts)
     plugins = x.detach().float().numpy()
     return [
@@ -206,7 +213,7 @@ def fold_in(
 
 def fit(
     adapter: PluginAdapter,
-    model: nn.Module,
+    model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     docs: Sequence[Document],
     config: FitConfig,
@@ -224,7 +231,7 @@ def fit(
     cache = _PrefixCache(model, examples, adapter.lowest_layer)
     feats = _doc_features(adapter, model, tokenizer, [d.text for d in docs])
     free_x = None
-    groups: list[dict] = [{"params": adapter.shared_parameters(), "lr": config.lr}]  # type: ignore[type-arg]
+    groups: list[dict[str, Any]] = [{"params": adapter.shared_parameters(), "lr": config.lr}]
     if adapter.encoder is None:
         free_x = torch.zeros(len(docs), *adapter.plugin_shape, requires_grad=True)
         groups.append({"params": [free_x], "lr": config.x_lr})

@@ -269,6 +269,61 @@ class PluginStore:
         on_conflict: OnConflict = "overwrite",
     ) -> str:
         """Write one document with its embedding and plugin in one transaction; returns created/updated/skipped."""
+        return self.put_many([(doc_id, text, metadata, embedding, plugin, loss)], on_conflict)[0]
+
+    def put_many(
+        self,
+        documents: Sequence[tuple[str, str, dict[str, Any], np.ndarray, np.ndarray, float | None]],
+        on_conflict: OnConflict = "overwrite",
+    ) -> list[str]:
+        """Write (id, text, metadata, embedding, plugin, loss) rows in one transaction: all of them or none."""
+        rows = [self._checked(*doc) for doc in documents]
+        now = time.time()
+        statuses = []
+        written: list[tuple[int, np.ndarray]] = []
+        with self._lock:
+            with self._tx():
+                for doc_id, text, metadata, embedding, plugin, loss in rows:
+                    row = self._db.execute("SELECT num FROM documents WHERE id = ?", (doc_id,)).fetchone()
+                    if row is not None and on_conflict == "skip":
+                        statuses.append("skipped")
+                        continue
+                    if row is not None and on_conflict == "fail":
+                        raise ConflictError(f"document {doc_id!r} already exists")
+                    doc = (text, json.dumps(metadata), content_hash(text), embedding.tobytes(), now)
+                    if row is None:
+                        cur = self._db.execute(
+                            "INSERT INTO documents (id, text, metadata, content_hash, embedding, created_at, "
+                            "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (doc_id, *doc, now),
+                        )
+                        num = int(cur.lastrowid or 0)
+                    else:
+                        num = int(row[0])
+                        self._db.execute(
+                            "UPDATE documents SET text=?, metadata=?, content_hash=?, embedding=?, updated_at=? "
+                            "WHERE num=?",
+                            (*doc, num),
+                        )
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO plugins VALUES (?, ?, ?, ?, ?)",
+                        (num, plugin.tobytes(), float(np.linalg.norm(plugin)), self.adapter_id, loss),
+                    )
+                    self._db.execute("INSERT INTO changes (op, num) VALUES ('put', ?)", (num,))
+                    statuses.append("created" if row is None else "updated")
+                    written.append((num, embedding))
+            # after the commit, before the lock is released: readers never see store and index disagree
+            if written:
+                nums = np.array([n for n, _ in written], dtype=np.int64)
+                self.index.remove(nums)
+                self.index.add(nums, np.stack([e for _, e in written]))
+            self._after_write()
+        return statuses
+
+    def _checked(
+        self, doc_id: str, text: str, metadata: dict[str, Any], embedding: np.ndarray, plugin: np.ndarray,
+        loss: float | None,
+    ) -> tuple[str, str, dict[str, Any], np.ndarray, np.ndarray, float | None]:  # fmt: skip
         if not text.strip():
             raise InvalidInputError(f"document {doc_id!r}: empty text")
         embedding = np.ascontiguousarray(embedding, dtype=np.float32).reshape(-1)
@@ -280,47 +335,18 @@ class PluginStore:
             )
         if not (np.isfinite(embedding).all() and np.isfinite(plugin).all()):
             raise InvalidInputError(f"document {doc_id!r}: non-finite embedding or plugin")
-        now = time.time()
-        with self._tx():
-            row = self._db.execute("SELECT num FROM documents WHERE id = ?", (doc_id,)).fetchone()
-            if row is not None and on_conflict == "skip":
-                return "skipped"
-            if row is not None and on_conflict == "fail":
-                raise ConflictError(f"document {doc_id!r} already exists")
-            doc = (text, json.dumps(metadata), content_hash(text), embedding.tobytes(), now)
-            if row is None:
-                cur = self._db.execute(
-                    "INSERT INTO documents (id, text, metadata, content_hash, embedding, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (doc_id, *doc, now),
-                )
-                num = int(cur.lastrowid or 0)
-            else:
-                num = int(row[0])
-                self._db.execute(
-                    "UPDATE documents SET text=?, metadata=?, content_hash=?, embedding=?, updated_at=? WHERE num=?",
-                    (*doc, num),
-                )
-            self._db.execute(
-                "INSERT OR REPLACE INTO plugins VALUES (?, ?, ?, ?, ?)",
-                (num, plugin.tobytes(), float(np.linalg.norm(plugin)), self.adapter_id, loss),
-            )
-            self._db.execute("INSERT INTO changes (op, num) VALUES ('put', ?)", (num,))
-            # the index follows inside the lock, so readers never see store and index disagree
-            self.index.remove(np.array([num]))
-            self.index.add(np.array([num]), embedding[None])
-        self._after_write()
-        return "created" if row is None else "updated"
+        return doc_id, text, metadata, embedding, plugin, loss
 
     def delete(self, doc_id: str) -> None:
-        with self._tx():
-            row = self._db.execute("SELECT num FROM documents WHERE id = ?", (doc_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no document {doc_id!r}")
-            self._db.execute("DELETE FROM documents WHERE num = ?", (row[0],))
-            self._db.execute("INSERT INTO changes (op, num) VALUES ('delete', ?)", (row[0],))
+        with self._lock:
+            with self._tx():
+                row = self._db.execute("SELECT num FROM documents WHERE id = ?", (doc_id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no document {doc_id!r}")
+                self._db.execute("DELETE FROM documents WHERE num = ?", (row[0],))
+                self._db.execute("INSERT INTO changes (op, num) VALUES ('delete', ?)", (row[0],))
             self.index.remove(np.array([row[0]]))
-        self._after_write()
+            self._after_write()
 
     def exists(self, doc_ids: Sequence[str]) -> set[str]:
         with self._lock:
@@ -349,7 +375,7 @@ class PluginStore:
             raise NotFoundError(f"no document {doc_id!r}")
         return docs[0]
 
-    def list(self, offset: int = 0, limit: int = 50) -> list[StoredDocument]:
+    def page(self, offset: int = 0, limit: int = 50) -> list[StoredDocument]:
         with self._lock:
             return self._documents("ORDER BY d.num LIMIT ? OFFSET ?", (limit, offset))
 

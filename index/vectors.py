@@ -7,11 +7,12 @@ checksum on load and is rebuilt from the store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -36,7 +37,8 @@ class VectorIndex:
         self.kind = kind
         self.ivf_threshold = ivf_threshold
         self.nprobe = nprobe
-        self.index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        # Any: faiss's partial stubs disagree with its SWIG API (remove_ids takes arrays, id_map exists)
+        self.index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -118,7 +120,5 @@ class VectorIndex:
     def set_nprobe(self, nprobe: int) -> None:
         """How many IVF lists a search visits (no effect on an exact index)."""
         self.nprobe = nprobe
-        try:
+        with contextlib.suppress(RuntimeError):  # not an IVF index
             faiss.extract_index_ivf(self.index).nprobe = nprobe
-        except RuntimeError:
-            pass  # not an IVF index

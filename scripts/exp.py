@@ -47,7 +47,7 @@ def score(base, adapter, docs, plugins, label, max_q, batch=32, contexts=False):
                 idx = [i if mode == "oracle" else (i + n // 2) % n for i, _ in chunk]
                 z, ad = torch.from_numpy(plugins[idx]), adapter
             outs = greedy_generate(base.model, base.tokenizer, ad, prompts, z, 24)
-            for (i, qa), o in zip(chunk, outs):
+            for (_, qa), o in zip(chunk, outs, strict=True):
                 hits.append(contained(o, qa.answers))
                 f1s.append(f1(o, qa.answers))
         res[mode] = {"contained": float(np.mean(hits)), "f1": float(np.mean(f1s)), "n": len(hits)}
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--foldin-lr", type=float, default=0.1)
     ap.add_argument("--foldin-examples", default="cloze")
     ap.add_argument("--load", default="")
+    ap.add_argument("--only-val", action="store_true")
+    ap.add_argument("--val-docs", type=int, default=1000)
     ap.add_argument("--out", default="runs/exp")
     args = ap.parse_args()
     out = Path(args.out)
@@ -100,16 +102,22 @@ def main() -> None:
         adapter = PluginAdapter(base, cfg)
         t = time.time()
         rep = fit(
-            adapter, base.model, base.tokenizer, train,
+            adapter,
+            base.model,
+            base.tokenizer,
+            train,
             FitConfig(epochs=args.epochs, lr=args.lr, batch_size=args.bs, l2=args.l2, weight_decay=args.wd),
         )
         print("fit seconds", time.time() - t, "final loss", np.mean(rep.losses[-50:]), flush=True)
         adapter.save(out / "adapter")
     results = {"args": vars(args)}
     fcfg = FoldInConfig(steps=args.foldin_steps, lr=args.foldin_lr, examples=args.foldin_examples)
-    for name, group, max_q in (("val", val, args.val_q), ("eval", ev, 10**6)):
+    groups = [("val", val, args.val_q), ("eval", ev, 10**6)]
+    if args.only_val:
+        groups = [("val", val[: args.val_docs], args.val_q)]
+    for name, group, max_q in groups:
         t = time.time()
-        folded = fold_in(adapter, base.model, base.tokenizer, [d.text for d in group], fcfg)
+        folded = fold_in(adapter, base.model, base.tokenizer, list(group), fcfg)
         print(name, "fold-in s/doc", (time.time() - t) / len(group), flush=True)
         plugins = np.stack([r.plugin for r in folded])
         norms = np.linalg.norm(plugins.reshape(len(group), -1), axis=1)

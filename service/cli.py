@@ -71,6 +71,151 @@ def cmd_bench_adapter(args: argparse.Namespace) -> None:
     _write_json(args.out, result)
 
 
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from service.settings import Settings
+
+    values = {k: v for k, v in {"data_dir": args.data_dir, "model": args.model}.items() if v is not None}
+    return Settings(**values, **overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from adapters.base_model import DEFAULT_MODEL, smollm2_dir
+    from adapters.errors import ModelNotFoundError
+    from service.app import create_app
+
+    flags = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    settings = _settings(args, **flags)
+    if settings.model == DEFAULT_MODEL and not (smollm2_dir(settings.cache_dir) / "config.json").exists():
+        raise ModelNotFoundError("SmolLM2 is not cached: run `kplug model fetch` (or `make setup`) first")
+    settings.adapter_dir()  # a missing adapter is a clear error now, not a failed start-up later
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def _http(args: argparse.Namespace) -> Any:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=600)
+
+
+def _local_runtime(args: argparse.Namespace) -> Any:
+    from service.metrics import Metrics
+    from service.runtime import Runtime
+
+    runtime = Runtime(_settings(args), Metrics())
+    runtime.load()
+    return runtime
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from adapters.corpus import load_corpus, parse_range
+
+    docs = load_corpus(args.file, parse_range(args.articles) if args.articles else None)
+    payload = [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in docs]
+    bar = tqdm(total=len(payload), desc="register", unit="doc")
+    if args.url:
+        with _http(args) as client:
+            for start in range(0, len(payload), args.batch):
+                chunk = payload[start : start + args.batch]
+                reply = client.post(
+                    "/documents", params={"wait": "true"}, json={"documents": chunk, "on_conflict": args.on_conflict}
+                )
+                if reply.status_code >= 400:
+                    raise KplugError(f"server answered {reply.status_code}: {reply.text}")
+                bar.update(len(chunk))
+        bar.close()
+        return
+    runtime = _local_runtime(args)
+    try:
+        failed = 0
+        for start in range(0, len(payload), args.batch):
+            job = runtime.registrar.submit(payload[start : start + args.batch], args.on_conflict)
+            while (job := runtime.registrar.wait(job.id, timeout=0.5)).state in ("queued", "running"):
+                bar.n = start + job.done
+                bar.refresh()
+            failed += sum(r["status"] == "failed" for r in job.results)
+            bar.n = start + job.total
+            bar.refresh()
+        bar.close()
+        print(f"{len(payload)} documents registered ({failed} failed); {runtime.store.count()} stored")
+    finally:
+        runtime.close()
+
+
+def cmd_query(args: argparse.Namespace) -> None:
+    import asyncio
+
+    body = {"query": args.query, "mode": args.mode, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens}
+    if args.url:
+        with _http(args) as client:
+            reply = client.post("/generate", json=body)
+            if reply.status_code >= 400:
+                raise KplugError(f"server answered {reply.status_code}: {reply.text}")
+            result = reply.json()
+    else:
+        from service.routes.generate import response_of
+
+        runtime = _local_runtime(args)
+        try:
+            prepared = runtime.prepare(args.query, args.mode, args.top_k, args.max_new_tokens, 0.0, None)
+
+            async def run() -> Any:
+                return await runtime.submit(prepared).result()
+
+            result = response_of(prepared, asyncio.run(run())).model_dump()
+        finally:
+            runtime.close()
+    print(result["text"])
+    for doc in result["documents"]:
+        print(f"  [{doc['weight']:.2f}] {doc['id']} (score {doc['score']:.3f})")
+
+
+def cmd_bench_index(args: argparse.Namespace) -> None:
+    from adapters.adapter import PluginAdapter
+    from adapters.base_model import load_base_model
+    from adapters.default import default_adapter_dir
+    from index.bench import bench_index
+
+    shape = PluginAdapter.load(args.adapter or default_adapter_dir(), load_base_model(args.model)).plugin_shape
+    result = bench_index(shape, tuple(int(s) for s in args.sizes.split(",")), args.queries)
+    print(_table(result))
+    _write_json(args.out, result)
+
+
+def cmd_eval_squad(args: argparse.Namespace) -> None:
+    from adapters.corpus import parse_range
+    from service.eval_squad import EvalOptions, eval_squad, markdown
+
+    fit_articles, eval_articles = parse_range(args.fit_articles), parse_range(args.eval_articles)
+    if set(fit_articles) & set(eval_articles):
+        raise KplugError("fitting and evaluation articles overlap: split by article")
+    adapter = args.adapter
+    if adapter is None:
+        adapter = (args.out.parent if args.out else Path("runs")) / "eval-adapter"
+        fit_args = build_parser().parse_args(
+            ["fit", "--data", str(args.data), "--articles", args.fit_articles, "--out", str(adapter),
+             "--model", args.model]
+        )  # fmt: skip
+        cmd_fit(fit_args)
+    options = EvalOptions(
+        data=args.data,
+        fit_articles=fit_articles,
+        eval_articles=eval_articles,
+        adapter=adapter,
+        max_paragraphs=args.max_paragraphs,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        batch=args.batch,
+        model=args.model,
+        capacity_paragraphs=args.capacity_paragraphs,
+    )
+    print(markdown(eval_squad(options, args.out)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kplug", description="Knowledge plugins: per-query LoRA retrieval.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -100,6 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.set_defaults(func=cmd_fit)
 
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=None, help="store, index and adapter (KPLUG_DATA_DIR)")
+    common.add_argument("--model", default=None, help="smollm2, tiny or a local HF folder (KPLUG_MODEL)")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--url", default=None, help="a running server; default: work on the data folder directly")
+    remote.add_argument("--api-key", default=None)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the HTTP service")
+    serve.add_argument("--host", default=None, help="default 127.0.0.1 (KPLUG_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="default 8000 (KPLUG_PORT)")
+    serve.set_defaults(func=cmd_serve)
+
+    ingest = sub.add_parser("ingest", parents=[common, remote], help="register documents from JSONL or SQuAD")
+    ingest.add_argument("file", type=Path)
+    ingest.add_argument("--articles", default=None, help="SQuAD articles only, e.g. 24-35")
+    ingest.add_argument("--on-conflict", choices=["overwrite", "skip", "fail"], default="overwrite")
+    ingest.add_argument("--batch", type=int, default=32)
+    ingest.set_defaults(func=cmd_ingest)
+
+    query = sub.add_parser("query", parents=[common, remote], help="ask a question")
+    query.add_argument("query")
+    query.add_argument("--mode", choices=["plugins", "context", "combine", "none"], default="plugins")
+    query.add_argument("--top-k", type=int, default=3)
+    query.add_argument("--max-new-tokens", type=int, default=64)
+    query.set_defaults(func=cmd_query)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="target", required=True)
     b_adapter = bench.add_parser("adapter", help="decoding speed with plugins, fold-in time, plugin size")
     b_adapter.add_argument("--adapter", type=Path, default=None)
@@ -108,12 +279,36 @@ def build_parser() -> argparse.ArgumentParser:
     b_adapter.add_argument("--repeats", type=int, default=5)
     b_adapter.add_argument("--out", type=Path, default=None)
     b_adapter.set_defaults(func=cmd_bench_adapter)
+    b_index = bench.add_parser("index", help="add throughput, search latency by size, bytes per document")
+    b_index.add_argument("--adapter", type=Path, default=None, help="gives the plugin shape")
+    b_index.add_argument("--model", default="smollm2")
+    b_index.add_argument("--sizes", default="1000,10000,100000")
+    b_index.add_argument("--queries", type=int, default=300)
+    b_index.add_argument("--out", type=Path, default=None)
+    b_index.set_defaults(func=cmd_bench_index)
+
+    evaluate = sub.add_parser("eval", help="knowledge benchmarks").add_subparsers(dest="suite", required=True)
+    squad = evaluate.add_parser("squad", help="do plugins carry their paragraph's answers? (SQuAD, split by article)")
+    squad.add_argument("--data", type=Path, default=SHARED_SQUAD)
+    squad.add_argument("--fit-articles", default="0-23")
+    squad.add_argument("--eval-articles", default="24-35")
+    squad.add_argument("--max-paragraphs", type=int, default=None, help="a fixed, seeded sample of paragraphs")
+    squad.add_argument("--adapter", type=Path, default=None, help="reuse a fitted adapter instead of fitting")
+    squad.add_argument("--model", default="smollm2")
+    squad.add_argument("--seed", type=int, default=0)
+    squad.add_argument("--max-new-tokens", type=int, default=24)
+    squad.add_argument("--batch", type=int, default=32)
+    squad.add_argument("--capacity-paragraphs", type=int, default=12, help="0 skips the gold-question diagnostic")
+    squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")
+    squad.set_defaults(func=cmd_eval_squad)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

@@ -96,3 +96,24 @@ def test_attaching_keeps_base_linear_objects(tiny: BaseModel) -> None:
     adapter = PluginAdapter(tiny, AdapterConfig(rank=2, targets=["q"], layers=[0, -1]))
     assert adapter.plugin_modules[0].base is original
     assert adapter.module_names == ["layers.0.self_attn.q_proj", "layers.3.self_attn.q_proj"]
+
+
+def test_gate_zero_rows_are_the_bare_model(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    ids = torch.randint(3, 200, (2, 6))
+    with torch.no_grad():
+        bare = tiny.model(ids).logits  # the adapter is attached: z = None still applies UV
+        z = torch.randn(2, *tiny_adapter.plugin_shape)
+        with tiny_adapter.use(z, gate=torch.tensor([0.0, 1.0])):
+            mixed = tiny.model(ids).logits
+        with tiny_adapter.use(None, gate=torch.zeros(2)):
+            off = tiny.model(ids).logits
+        with tiny_adapter.use(z[1:]):
+            plugged = tiny.model(ids[1:]).logits
+    for module in tiny_adapter.plugin_modules:  # the bare reference, with every delta removed by hand
+        module.U.data.zero_()
+    with torch.no_grad():
+        reference = tiny.model(ids).logits
+    assert not torch.allclose(bare, reference)
+    torch.testing.assert_close(off, reference)
+    torch.testing.assert_close(mixed[0], reference[0])
+    torch.testing.assert_close(mixed[1:], plugged, atol=1e-5, rtol=1e-4)

@@ -57,7 +57,9 @@ def test_fit_learns_shared_matrices_and_leaves_base_untouched(tiny: BaseModel) -
     config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=32))
     adapter = PluginAdapter(tiny, config)
     docs = [
-        Document(f"d{i}", f"Document {i} is about the number {i * 7}.", {}, [QA(f"q{i}", f"Number in {i}?", (str(i * 7),))])
+        Document(
+            f"d{i}", f"Document {i} is about the number {i * 7}.", {}, [QA(f"q{i}", f"Number in {i}?", (str(i * 7),))]
+        )
         for i in range(6)
     ]
     base_before, shared_before = _base_weights(tiny), _shared(adapter)

@@ -253,8 +253,8 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path: Path, run: i
             assert doc.metadata["i"] >= i
             assert doc.plugin is not None and float(doc.plugin[0, 0]) == doc.metadata["i"]
             assert doc.content_hash == content_hash(doc.text)
-        nums = sorted(d.num for d in store.list(0, 1000))
+        nums = sorted(d.num for d in store.page(0, 1000))
         assert sorted(store.index.ids().tolist()) == nums
-        for doc in store.list(0, 1000):
+        for doc in store.page(0, 1000):
             np.testing.assert_array_equal(store.index.vector(doc.num), store.embedding(doc.id))
         store.close()

@@ -1,0 +1,117 @@
+"""`kplug bench index`: add throughput, search latency at 1k / 10k / 100k documents, bytes on disk per document.
+
+Add throughput is measured with the real embedder (texts of about 120 words) and without it (precomputed unit
+vectors). Search latency is the store's own search (FAISS plus the SQLite id lookup) for single queries, over
+synthetic unit vectors at the larger sizes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.embedder import Embedder
+from index.store import PluginStore
+
+WORDS = [
+    "river",
+    "library",
+    "engine",
+    "treaty",
+    "harbour",
+    "scholar",
+    "protein",
+    "voltage",
+    "dynasty",
+    "orbit",
+    "glacier",
+    "parliament",
+    "enzyme",
+    "cathedral",
+    "railway",
+    "telescope",
+    "copper",
+    "monsoon",
+    "algorithm",
+    "symphony",
+]
+
+
+def _texts(rng: np.random.Generator, n: int, words: int = 120) -> list[str]:
+    return [" ".join(rng.choice(WORDS, words)) + f" #{i}" for i in range(n)]
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def bench_index(
+    plugin_shape: tuple[int, int],
+    sizes: tuple[int, ...] = (1_000, 10_000, 100_000),
+    queries: int = 300,
+    add_docs: int = 300,
+    batch: int = 500,
+) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    embedder = Embedder()
+    dim = embedder.dim
+    result: dict[str, Any] = {"plugin_shape": list(plugin_shape), "dim": dim, "queries": queries}
+    root = Path(tempfile.mkdtemp(prefix="kplug-bench-"))
+    try:
+        # add throughput, one document per transaction as the service writes them
+        store = PluginStore(root / "add", dim, plugin_shape, "bench")
+        texts = _texts(rng, add_docs)
+        plugins = rng.standard_normal((add_docs, *plugin_shape)).astype(np.float32)
+        started = time.perf_counter()
+        for i, text in enumerate(texts):
+            store.put(f"e{i}", text, {}, embedder.embed([text])[0], plugins[i])
+        result["add_docs_per_s_with_embedding"] = round(add_docs / (time.perf_counter() - started), 1)
+        vectors = _unit(rng, add_docs, dim)
+        started = time.perf_counter()
+        for i in range(add_docs):
+            store.put(f"v{i}", texts[i], {}, vectors[i], plugins[i])
+        result["add_docs_per_s_without_embedding"] = round(add_docs / (time.perf_counter() - started), 1)
+        started = time.perf_counter()
+        store.put_many([(f"b{i}", texts[i], {}, vectors[i], plugins[i], None) for i in range(add_docs)])
+        result["add_docs_per_s_batched_without_embedding"] = round(add_docs / (time.perf_counter() - started), 1)
+        store.close()
+
+        # search latency by collection size, one growing store
+        store = PluginStore(root / "search", dim, plugin_shape, "bench", index_kind="flat", snapshot_every=10**9)
+        have = 0
+        for size in sorted(sizes):
+            while have < size:
+                n = min(batch, size - have)
+                vecs = _unit(rng, n, dim)
+                small = rng.standard_normal((n, *plugin_shape)).astype(np.float32)
+                words = _texts(rng, n)
+                store.put_many([(f"s{have + i}", words[i], {}, vecs[i], small[i], None) for i in range(n)])
+                have += n
+            qs = _unit(rng, queries, dim)
+            store.search(qs[0], 3)  # warm-up
+            times = []
+            for q in qs:
+                started = time.perf_counter()
+                store.search(q, 3)
+                times.append((time.perf_counter() - started) * 1000)
+            label = f"{size // 1000}k"
+            result[f"search_p50_ms_{label}"] = round(float(np.percentile(times, 50)), 3)
+            result[f"search_p99_ms_{label}"] = round(float(np.percentile(times, 99)), 3)
+            if size == 10_000 or size == max(sizes):
+                store.snapshot()
+                store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                result[f"bytes_per_document_{label}"] = round(_folder_bytes(root / "search") / size)
+        store.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return result

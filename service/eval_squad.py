@@ -1,0 +1,337 @@
+"""`kplug eval squad`: do plugins carry their document's knowledge? The SQuAD benchmark of the project.
+
+Paragraphs are documents, questions are queries, split by article. The adapter is fitted on the fitting articles
+(or given with --adapter); evaluation paragraphs are registered through the service's own registration path
+(embedding + fold-in from the paragraph text alone) into a fresh store, and every mode runs through the service's
+own query path (retrieval, composition, prompt, batching engine) with greedy decoding and one token budget.
+
+Runs: none; plugins, context and combine with oracle retrieval (the question's own paragraph) and with the top-3
+from FAISS; plugins/wrong, a control where each question gets another article's paragraph plugin; and
+capacity/oracle, a diagnostic where plugins are trained on their own paragraph's gold questions (never the method).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapters.corpus import QA, Document, load_squad
+from adapters.metrics import contained, exact_match, f1
+from adapters.training import FoldInConfig, fold_in
+from service.metrics import Metrics
+from service.protocol import Mode
+from service.runtime import Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUNS: list[tuple[Mode, str]] = [
+    ("none", "none"),
+    ("plugins", "oracle"),
+    ("plugins", "retrieved"),
+    ("plugins", "wrong"),
+    ("context", "oracle"),
+    ("context", "retrieved"),
+    ("combine", "oracle"),
+    ("combine", "retrieved"),
+]
+
+
+@dataclass
+class EvalOptions:
+    data: Path
+    fit_articles: list[int]
+    eval_articles: list[int]
+    adapter: Path
+    max_paragraphs: int | None = None
+    seed: int = 0
+    top_k: int = 3
+    max_new_tokens: int = 24
+    batch: int = 32
+    model: str = "smollm2"
+    fold_in: FoldInConfig | None = None
+    capacity_paragraphs: int = 12
+    runs: Sequence[tuple[Mode, str]] = tuple(RUNS)
+
+
+@dataclass
+class Question:
+    doc: Document
+    qa: QA
+    retrieved: list[tuple[str, float]]
+    wrong: str
+
+
+def sample_paragraphs(docs: Sequence[Document], articles: list[int], n: int | None, seed: int) -> list[Document]:
+    """A fixed, seeded sample of evaluation paragraphs (with all their questions), in corpus order."""
+    pool = [d for d in docs if d.article in articles]
+    if n is None or n >= len(pool):
+        return pool
+    chosen = set(random.Random(seed).sample(range(len(pool)), n))
+    return [d for i, d in enumerate(pool) if i in chosen]
+
+
+def _score(outputs: Sequence[str], questions: Sequence[Question]) -> dict[str, float]:
+    return {
+        "contained": float(np.mean([contained(o, q.qa.answers) for o, q in zip(outputs, questions, strict=True)])),
+        "em": float(np.mean([exact_match(o, q.qa.answers) for o, q in zip(outputs, questions, strict=True)])),
+        "f1": float(np.mean([f1(o, q.qa.answers) for o, q in zip(outputs, questions, strict=True)])),
+    }
+
+
+class SquadEval:
+    def __init__(self, options: EvalOptions, workdir: Path) -> None:
+        self.o = options
+        fold = options.fold_in or FoldInConfig()
+        settings = Settings(
+            data_dir=workdir,
+            model=options.model,
+            adapter=options.adapter,
+            max_batch=options.batch,
+            queue_size=10**6,
+            request_timeout_s=10**6,
+            fold_in=fold,
+        )
+        self.runtime = Runtime(settings, Metrics())
+
+    def run(self) -> dict[str, Any]:
+        o, rt = self.o, self.runtime
+        docs = load_squad(o.data, sorted(set(o.eval_articles)))
+        paragraphs = sample_paragraphs(docs, o.eval_articles, o.max_paragraphs, o.seed)
+        rt.load()
+        try:
+            fold_s = self._register(paragraphs)
+            questions = self._questions(paragraphs)
+            recall = float(np.mean([q.doc.id in {i for i, _ in q.retrieved} for q in questions]))
+            results: dict[str, dict[str, Any]] = {}
+            outputs: dict[str, list[str]] = {}
+            for mode, retrieval in o.runs:
+                key = f"{mode}/{retrieval}"
+                started = time.perf_counter()
+                outputs[key], results[key] = self._run(mode, retrieval, questions)
+                log.info("%s: %s (%.0f s)", key, results[key], time.perf_counter() - started)
+            if o.capacity_paragraphs:
+                results["capacity/oracle"], results["none/capacity-subset"] = self._capacity(paragraphs, questions)
+            analysis = self._analysis(paragraphs, questions, outputs)
+        finally:
+            rt.close()
+        return {
+            "results": results,
+            "retrieval_recall_at_k": recall,
+            "fold_in_seconds_per_doc": fold_s,
+            "bytes_per_plugin": rt.adapter.plugin_bytes,
+            **analysis,
+            "config": {
+                "data": str(o.data),
+                "fit_articles": f"{min(o.fit_articles)}-{max(o.fit_articles)}",
+                "eval_articles": f"{min(o.eval_articles)}-{max(o.eval_articles)}",
+                "max_paragraphs": o.max_paragraphs,
+                "paragraphs": len(paragraphs),
+                "questions": len(questions),
+                "seed": o.seed,
+                "top_k": o.top_k,
+                "max_new_tokens": o.max_new_tokens,
+                "batch": o.batch,
+                "adapter": str(o.adapter),
+                "adapter_id": rt.adapter.checkpoint_id,
+                "adapter_config": rt.adapter.config.model_dump(),
+                "fold_in": rt.settings.fold_in.model_dump(),
+                "model": rt.base.identity.name,
+                "latency_note": f"per request, decoded in batches of up to {o.batch}",
+            },
+        }
+
+    def _register(self, paragraphs: Sequence[Document]) -> float:
+        """Through the registrar, as POST /documents does; returns fold-in seconds per paragraph."""
+        reg = self.runtime.registrar
+        seconds: list[float] = []
+        for start in range(0, len(paragraphs), 32):
+            chunk = [{"id": d.id, "text": d.text, "metadata": d.metadata} for d in paragraphs[start : start + 32]]
+            job = reg.wait(reg.submit(chunk, "overwrite").id)
+            if job.state != "succeeded":
+                raise RuntimeError(f"registration failed: {job.error}")
+            seconds += [r["seconds"] for r in job.results]
+        return float(np.mean(seconds))
+
+    def _questions(self, paragraphs: Sequence[Document]) -> list[Question]:
+        rng = random.Random(self.o.seed + 1)
+        rt = self.runtime
+        out = []
+        for doc in paragraphs:
+            others = [p.id for p in paragraphs if p.article != doc.article] or [
+                p.id for p in paragraphs if p is not doc
+            ]
+            vectors = rt.embedder.embed([qa.question for qa in doc.questions])
+            for qa, vec in zip(doc.questions, vectors, strict=True):
+                out.append(Question(doc, qa, rt.store.search(vec, self.o.top_k), rng.choice(others)))
+        return out
+
+    def _hits(self, retrieval: str, q: Question) -> list[tuple[str, float]] | None:
+        if retrieval == "oracle":
+            return [(q.doc.id, 1.0)]
+        if retrieval == "wrong":
+            return [(q.wrong, 1.0)]
+        if retrieval.startswith("capacity"):
+            return [(f"capacity:{q.doc.id}", 1.0)]
+        return q.retrieved
+
+    def _run(self, mode: Mode, retrieval: str, questions: Sequence[Question]) -> tuple[list[str], dict[str, Any]]:
+        rt = self.runtime
+        prepared = [
+            rt.prepare(
+                q.qa.question, mode, self.o.top_k, self.o.max_new_tokens, 0.0, None, hits=self._hits(retrieval, q)
+            )
+            for q in questions
+        ]
+
+        async def generate_all() -> list[Any]:
+            handles = [rt.submit(p) for p in prepared]
+            return [await h.result() for h in handles]
+
+        finals = asyncio.run(generate_all())
+        outputs = [f.text for f in finals]
+        scores = _score(outputs, questions)
+        latency = [p.retrieval_ms + p.compose_ms + f.generate_ms for p, f in zip(prepared, finals, strict=True)]
+        scores.update(
+            context_tokens=float(np.mean([p.context_tokens for p in prepared])),
+            latency_ms=float(np.mean(latency)),
+            n=len(questions),
+        )
+        return outputs, scores
+
+    def _capacity(
+        self, paragraphs: Sequence[Document], questions: Sequence[Question]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Milestone zero: plugins trained on their own gold questions (frozen U, V) must answer them."""
+        rt = self.runtime
+        chosen = list(paragraphs[: self.o.capacity_paragraphs])
+        config = FoldInConfig(examples="qa", steps=60, lr=0.3, l2=0.0)
+        results = fold_in(rt.adapter, rt.base.model, rt.base.tokenizer, chosen, config)
+        for doc, res in zip(chosen, results, strict=True):
+            rt.store.put(f"capacity:{doc.id}", doc.text, {}, rt.store.embedding(doc.id), res.plugin)
+        ids = {d.id for d in chosen}
+        subset = [q for q in questions if q.doc.id in ids]
+        return self._run("plugins", "capacity", subset)[1], self._run("none", "none", subset)[1]
+
+    def _analysis(
+        self, paragraphs: Sequence[Document], questions: Sequence[Question], outputs: dict[str, list[str]]
+    ) -> dict[str, Any]:
+        """The seed idea's promises: plugin similarity finds same-article neighbours; |x| tracks helpfulness."""
+        store = self.runtime.store
+        ids = [d.id for d in paragraphs]
+        articles = np.array([d.article for d in paragraphs])
+        plugins = store.plugins(ids)
+        x = np.stack([plugins[i].reshape(-1) for i in ids])  # (N, M*r)
+        emb = np.stack([store.embedding(i) for i in ids])  # (N, d)
+
+        def same_article_rate(vectors: np.ndarray) -> float:
+            unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            cos = unit @ unit.T
+            np.fill_diagonal(cos, -np.inf)
+            return float((articles[cos.argmax(1)] == articles).mean())
+
+        out: dict[str, Any] = {
+            "similarity": {
+                "plugin_nn_same_article": same_article_rate(x),
+                "embedding_nn_same_article": same_article_rate(emb),
+                "chance": float(np.mean([(articles == a).sum() - 1 for a in articles]) / max(1, len(ids) - 1)),
+            }
+        }
+        if "plugins/oracle" in outputs and "none/none" in outputs:
+            gain: dict[str, list[float]] = defaultdict(list)
+            for q, with_plugin, without in zip(questions, outputs["plugins/oracle"], outputs["none/none"], strict=True):
+                gain[q.doc.id].append(f1(with_plugin, q.qa.answers) - f1(without, q.qa.answers))
+            norms = np.linalg.norm(x, axis=1)
+            helps = np.array([statistics.mean(gain[i]) for i in ids])
+            out["uniqueness"] = {
+                "pearson_norm_vs_f1_gain": _corr(norms, helps),
+                "spearman_norm_vs_f1_gain": _corr(_ranks(norms), _ranks(helps)),
+                "norm_mean": float(norms.mean()),
+                "norm_std": float(norms.std()),
+            }
+        return out
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(v)).astype(float)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "| mode/retrieval | contained | EM | F1 | context tokens | latency ms | n |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, r in report["results"].items():
+        lines.append(
+            f"| {key} | {r['contained']:.3f} | {r['em']:.3f} | {r['f1']:.3f} | {r['context_tokens']:.0f} "
+            f"| {r['latency_ms']:.0f} | {r['n']} |"
+        )
+    sim, cfg = report["similarity"], report["config"]
+    lines += [
+        "",
+        f"Retrieval recall@{cfg['top_k']}: {report['retrieval_recall_at_k']:.3f}. "
+        f"Fold-in: {report['fold_in_seconds_per_doc']:.3f} s per paragraph. "
+        f"Plugin: {report['bytes_per_plugin']} bytes.",
+        f"Nearest neighbour from the same article: plugins {sim['plugin_nn_same_article']:.3f}, "
+        f"MiniLM embeddings {sim['embedding_nn_same_article']:.3f} (chance {sim['chance']:.3f}).",
+    ]
+    if "uniqueness" in report:
+        u = report["uniqueness"]
+        lines.append(
+            f"Uniqueness: correlation of |x_d| with the plugin's F1 gain on its paragraph's questions: "
+            f"Pearson {u['pearson_norm_vs_f1_gain']}, Spearman {u['spearman_norm_vs_f1_gain']}."
+        )
+    lines.append(
+        f"{cfg['paragraphs']} paragraphs, {cfg['questions']} questions of articles {cfg['eval_articles']}; "
+        f"adapter fitted on articles {cfg['fit_articles']}; {cfg['model']}, greedy, {cfg['max_new_tokens']} new tokens."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(report["results"])
+    x = np.arange(len(keys))
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 1.1), 4.5))
+    for offset, metric in ((-0.2, "contained"), (0.2, "f1")):
+        ax.bar(x + offset, [report["results"][k][metric] for k in keys], 0.4, label=metric)
+    ax.set_xticks(x, keys, rotation=30, ha="right")
+    ax.set_ylabel("score")
+    ax.set_title(f"SQuAD, {report['config']['questions']} questions, {report['config']['model']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def eval_squad(options: EvalOptions, out: Path | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kplug-eval-") as workdir:
+        report = SquadEval(options, Path(workdir)).run()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(report))
+        bar_chart(report, out.with_suffix(".png"))
+    return report

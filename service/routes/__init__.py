@@ -1,0 +1,1 @@
+"""One router per concern; shared dependencies in `deps`."""

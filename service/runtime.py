@@ -1,0 +1,152 @@
+"""What the service holds while it runs: base model, adapter, embedder, store, engine, registrar, and the query
+path that ties them together (retrieve, weigh, compose, prompt)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapters.adapter import PluginAdapter
+from adapters.base_model import BaseModel, load_base_model
+from adapters.plugin import compose, retrieval_weights
+from adapters.prompts import chat_prompt, user_message
+from index.embedder import Embedder
+from index.store import PluginStore
+from service.engine import Engine, GenerationRequest, RequestHandle
+from service.metrics import Metrics
+from service.protocol import Mode
+from service.registrar import Registrar
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A query made ready for the engine: its documents, composition and prompt."""
+
+    request: GenerationRequest
+    documents: list[dict[str, Any]]  # {"id", "score", "weight"}
+    context_tokens: int
+    retrieval_ms: float
+    compose_ms: float
+    mode: Mode
+
+
+class Runtime:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.ready = False
+        self.base: BaseModel
+        self.adapter: PluginAdapter
+        self.embedder: Embedder
+        self.store: PluginStore
+        self.engine: Engine
+        self.registrar: Registrar
+
+    def load(self) -> None:
+        s = self.settings
+        started = time.perf_counter()
+        self.base = load_base_model(s.model, s.cache_dir)
+        self.adapter = PluginAdapter.load(s.adapter_dir(), self.base)
+        self.embedder = Embedder(s.embedder)
+        assert self.adapter.checkpoint_id is not None
+        self.store = PluginStore(
+            s.data_dir / "store", self.embedder.dim, self.adapter.plugin_shape, self.adapter.checkpoint_id, s.index_kind
+        )
+        self.engine = Engine(self.base.model, self.base.tokenizer, self.adapter, s.max_batch, s.queue_size)
+        self.registrar = Registrar(
+            self.store, self.embedder, self.adapter, self.base.model, self.base.tokenizer, s.fold_in, s.max_pending_jobs
+        )
+        self.engine.start()
+        self.registrar.start()
+        self.ready = True
+        log.info(
+            "ready in %.1f s: %s, adapter %s (%d modules, plugin %d bytes), %d documents",
+            time.perf_counter() - started,
+            self.base.identity.name,
+            self.adapter.checkpoint_id,
+            len(self.adapter.module_names),
+            self.adapter.plugin_bytes,
+            self.store.count(),
+        )
+
+    def close(self) -> None:
+        if not self.ready:
+            return
+        self.ready = False
+        self.registrar.stop()
+        self.engine.stop()
+        self.store.close()
+
+    # ---- the query path -----------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.base.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def prepare(
+        self,
+        query: str,
+        mode: Mode,
+        top_k: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int | None,
+        history: list[dict[str, str]] | None = None,
+        hits: list[tuple[str, float]] | None = None,
+    ) -> Prepared:
+        """Retrieve top_k documents for query (unless hits are given), weigh them, compose their plugins and
+        build the prompt."""
+        started = time.perf_counter()
+        if mode == "none":
+            hits = []
+        elif hits is None:
+            hits = self.store.search(self.embedder.embed([query])[0], top_k)
+        retrieved = time.perf_counter()
+        weights = retrieval_weights(
+            torch.tensor([score for _, score in hits]), self.settings.composition_temperature
+        )  # (K,)
+        documents: list[dict[str, Any]] = [
+            {"id": i, "score": s, "weight": float(w)} for (i, s), w in zip(hits, weights, strict=True)
+        ]
+        z = None
+        if mode in ("plugins", "combine") and hits:
+            plugins = self.store.plugins([i for i, _ in hits])
+            usable = [(plugins[d["id"]], d["weight"]) for d in documents if d["id"] in plugins]
+            if usable:
+                stacked = torch.from_numpy(np.stack([p for p, _ in usable]))  # (K, M, r)
+                z = compose(stacked, torch.tensor([w for _, w in usable]))  # (M, r)
+        composed = time.perf_counter()
+        contexts = [self.store.get(d["id"]).text for d in documents] if mode in ("context", "combine") else []
+        tokenizer = self.base.tokenizer
+        messages = list(history or [])
+        messages.append({"role": "user", "content": user_message(query, contexts)})
+        prompt = str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        context_tokens = 0
+        if contexts:
+            context_tokens = len(prompt_ids) - self.count_tokens(chat_prompt(tokenizer, query))
+        request = GenerationRequest(
+            prompt_ids=prompt_ids,
+            z=z,
+            use_adapter=mode in ("plugins", "combine"),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            timeout_s=self.settings.request_timeout_s,
+        )
+        self.metrics.retrieval.observe(retrieved - started)
+        self.metrics.compose.observe(composed - retrieved)
+        return Prepared(
+            request, documents, context_tokens, (retrieved - started) * 1000, (composed - retrieved) * 1000, mode
+        )
+
+    def submit(self, prepared: Prepared) -> RequestHandle:
+        return self.engine.submit(prepared.request, asyncio.get_running_loop())

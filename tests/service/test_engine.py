@@ -1,0 +1,105 @@
+"""The batching engine: concurrent rows give what each request gives alone, and what the reference decoder gives."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from adapters.adapter import PluginAdapter
+from adapters.base_model import BaseModel
+from adapters.errors import OverloadedError
+from adapters.generation import greedy_generate
+from adapters.prompts import chat_prompt
+from service.engine import Engine, Finished, GenerationRequest
+
+QUESTIONS = ["hi", "what is a cat?", "tell me a much longer story about the sea", "x", "why", "numbers 1 2 3"]
+
+
+def _requests(tiny: BaseModel, adapter: PluginAdapter) -> list[GenerationRequest]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for i, q in enumerate(QUESTIONS):
+        ids = tiny.tokenizer(chat_prompt(tiny.tokenizer, q), add_special_tokens=False).input_ids
+        z = torch.randn(*adapter.plugin_shape, generator=g) * 3
+        out.append(GenerationRequest(ids, z, use_adapter=i % 3 != 0, max_new_tokens=6 + 2 * i))
+    return out
+
+
+async def _run(engine: Engine, requests: list[GenerationRequest]) -> list[Finished]:
+    loop = asyncio.get_running_loop()
+    handles = [engine.submit(r, loop) for r in requests]
+    return [await h.result() for h in handles]
+
+
+def test_concurrent_requests_equal_single_requests_and_reference(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    engine = Engine(tiny.model, tiny.tokenizer, tiny_adapter, max_batch=4)
+    engine.start()
+    try:
+        requests = _requests(tiny, tiny_adapter)
+        together = asyncio.run(_run(engine, requests))  # 6 requests, batches of at most 4: rows join and leave
+        alone = [asyncio.run(_run(engine, [r]))[0] for r in requests]
+    finally:
+        engine.stop()
+    assert engine.steps > 0
+    for t, a, r in zip(together, alone, requests, strict=True):
+        assert t.text == a.text
+        assert t.completion_tokens == a.completion_tokens <= r.max_new_tokens
+        prompt = tiny.tokenizer.decode(r.prompt_ids)
+        z = r.z[None] if r.use_adapter else None  # type: ignore[index]
+        if r.use_adapter:
+            [ref] = greedy_generate(tiny.model, tiny.tokenizer, tiny_adapter, [prompt], z, r.max_new_tokens)
+        else:
+            with tiny_adapter.use(None, gate=torch.zeros(1)):
+                [ref] = greedy_generate(tiny.model, tiny.tokenizer, None, [prompt], None, r.max_new_tokens)
+        assert t.text.strip() == ref
+
+
+def test_streamed_pieces_add_up_to_the_text(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    engine = Engine(tiny.model, tiny.tokenizer, tiny_adapter)
+    engine.start()
+
+    async def stream() -> tuple[str, Finished]:
+        handle = engine.submit(_requests(tiny, tiny_adapter)[2], asyncio.get_running_loop())
+        pieces, final = [], None
+        async for event in handle.events():
+            if isinstance(event, Finished):
+                final = event
+            else:
+                pieces.append(event)
+        assert final is not None
+        return "".join(pieces), final
+
+    try:
+        joined, final = asyncio.run(stream())
+    finally:
+        engine.stop()
+    assert joined.strip() == final.text.strip() and final.finish_reason in ("stop", "length")
+
+
+def test_full_queue_is_refused(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    engine = Engine(tiny.model, tiny.tokenizer, tiny_adapter, queue_size=2)  # not started: nothing drains
+
+    async def flood() -> None:
+        loop = asyncio.get_running_loop()
+        request = _requests(tiny, tiny_adapter)[0]
+        engine.submit(request, loop)
+        engine.submit(request, loop)
+        with pytest.raises(OverloadedError):
+            engine.submit(request, loop)
+
+    asyncio.run(flood())
+
+
+def test_time_limit_ends_a_request_cleanly(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    engine = Engine(tiny.model, tiny.tokenizer, tiny_adapter)
+    engine.start()
+    try:
+        request = _requests(tiny, tiny_adapter)[1]
+        request.max_new_tokens, request.timeout_s = 10_000, 0.3
+        [result] = asyncio.run(_run(engine, [request]))
+        [after] = asyncio.run(_run(engine, [_requests(tiny, tiny_adapter)[0]]))  # the engine carries on
+    finally:
+        engine.stop()
+    assert result.finish_reason in ("time_limit", "stop") and after.finish_reason in ("stop", "length")
