@@ -29,4 +29,4 @@ test: setup lint
 # Rebuild the shipped default adapter (seeded; see README, "Method").
 default-adapter: setup
 	$(VENV)/bin/kplug fit --data ../shared/data/squad-v1.1-dev-articles-00-35.json --articles 0-23 \
-		--out adapters/default
+		--out adapters/default --half

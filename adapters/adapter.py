@@ -174,11 +174,17 @@ class PluginAdapter(nn.Module):
                 tensors[f"encoder.{name}"] = t.detach().contiguous()
         return tensors
 
-    def save(self, folder: Path, extra: dict[str, object] | None = None) -> str:
-        """Write the checkpoint (safetensors + JSON) atomically enough: weights first, config last. Returns its id."""
+    def save(self, folder: Path, extra: dict[str, object] | None = None, half: bool = False) -> str:
+        """Write the checkpoint (safetensors + JSON): weights first, config last, each by rename. Returns its id.
+
+        half stores float16 (loading casts back to float32), for checkpoints shipped in the repository.
+        """
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file(self.state_tensors(), str(tmp))
+        tensors = self.state_tensors()
+        if half:
+            tensors = {k: v.half() for k, v in tensors.items()}
+        save_file(tensors, str(tmp))
         tmp.replace(folder / WEIGHTS_FILE)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -207,11 +213,11 @@ class PluginAdapter(nn.Module):
         tensors = load_file(str(folder / WEIGHTS_FILE))
         with torch.no_grad():
             for i, m in enumerate(adapter.plugin_modules):
-                m.U.copy_(tensors[f"U.{i}"])
-                m.V.copy_(tensors[f"V.{i}"])
+                m.U.copy_(tensors[f"U.{i}"].float())
+                m.V.copy_(tensors[f"V.{i}"].float())
             if adapter.encoder is not None:
                 adapter.encoder.load_trainable_state(
-                    {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
+                    {k.removeprefix("encoder."): v.float() for k, v in tensors.items() if k.startswith("encoder.")}
                 )
         adapter.checkpoint_id = checkpoint_id(folder)
         return adapter

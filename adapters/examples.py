@@ -61,8 +61,42 @@ def cloze_examples(doc: Document, per_sentence: int = 3) -> list[Example]:
     return out or lm_examples(doc)
 
 
+_YEAR = re.compile(r"^(?:1\d{3}|20\d{2})$|^(?:January|February|March|April|May|June|July|August|September|October|"
+                   r"November|December)\b")
+_NUMBER = re.compile(r"^\d")
+
+
+def wh_word(span: str) -> str:
+    """A question word for an answer span, from its shape alone (no tagger)."""
+    if _YEAR.search(span):
+        return "when"
+    if _NUMBER.search(span):
+        return "how many"
+    return "what"
+
+
+def question_examples(doc: Document, max_examples: int = 16) -> list[Example]:
+    """Questions made by rule from the document's own sentences: an entity or number span becomes the answer,
+    and the sentence is asked back with a question word in its place, in two phrasings. SQuAD-style questions
+    are mostly such rephrasings, so these are the closest a 135M model gets to its real questions."""
+    out = []
+    for sent in sentences(doc.text):
+        body = sent.rstrip(".!? ")
+        for start, end in cloze_spans(body)[:3]:
+            span = body[start:end]
+            wh = wh_word(span)
+            in_place = f"{body[:start]}{wh}{body[end:]}?"
+            fronted = f"{wh.capitalize()}: {body[:start]}___{body[end:]}?"
+            out += [Example(in_place, span + ANSWER_END), Example(fronted, span + ANSWER_END)]
+    if len(out) > max_examples:  # an even spread over the document rather than its first sentences
+        step = len(out) / max_examples
+        out = [out[int(i * step)] for i in range(max_examples)]
+    return out or cloze_examples(doc)
+
+
 EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "qa": qa_examples,
     "lm": lm_examples,
     "cloze": cloze_examples,
+    "questions": question_examples,
 }

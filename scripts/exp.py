@@ -76,6 +76,9 @@ def main() -> None:
     ap.add_argument("--foldin-examples", default="cloze")
     ap.add_argument("--load", default="")
     ap.add_argument("--only-val", action="store_true")
+    ap.add_argument("--no-fit", action="store_true")
+    ap.add_argument("--u-std", type=float, default=0.02)
+    ap.add_argument("--max-ex", type=int, default=16)
     ap.add_argument("--val-docs", type=int, default=1000)
     ap.add_argument("--out", default="runs/exp")
     args = ap.parse_args()
@@ -89,7 +92,8 @@ def main() -> None:
         alpha=args.alpha,
         targets=args.targets.split(","),
         layers=list(range(lo, hi + 1)),
-        encoder=EncoderConfig(layer=args.enc_layer, hidden=args.enc_hidden),
+        encoder=EncoderConfig(layer=args.enc_layer, hidden=args.enc_hidden) if args.enc_layer >= 0 else None,
+        u_init_std=args.u_std,
     )
     docs = load_squad(DATA)
     train = [d for d in docs if d.article < 20][: args.fit_max_docs]
@@ -98,6 +102,8 @@ def main() -> None:
     ev = rng.sample([d for d in docs if d.article >= 24], args.eval_docs)
     if args.load:
         adapter = PluginAdapter.load(Path(args.load), base)
+    elif args.no_fit:
+        adapter = PluginAdapter(base, cfg)
     else:
         adapter = PluginAdapter(base, cfg)
         t = time.time()
@@ -112,6 +118,8 @@ def main() -> None:
         adapter.save(out / "adapter")
     results = {"args": vars(args)}
     fcfg = FoldInConfig(steps=args.foldin_steps, lr=args.foldin_lr, examples=args.foldin_examples)
+    import adapters.examples as ex
+    ex.EXAMPLE_BUILDERS["questions"] = lambda d: ex.question_examples(d, args.max_ex)
     groups = [("val", val, args.val_q), ("eval", ev, 10**6)]
     if args.only_val:
         groups = [("val", val[: args.val_docs], args.val_q)]

@@ -49,7 +49,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         alpha=args.alpha if args.alpha else float(args.rank),
         seed=args.seed,
         targets=args.targets.split(","),
-        layers=parse_range(args.layers) if args.layers else None,
+        layers=None if args.layers == "all" else parse_range(args.layers),
         encoder=None if args.no_encoder else EncoderConfig(layer=args.encoder_layer),
     )
     adapter = PluginAdapter(base, config)
@@ -58,7 +58,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     )
     report = fit(adapter, base.model, base.tokenizer, docs, fit_config)
     extra = {"fit": fit_config.model_dump(), "documents": len(docs), "data": str(args.data), "steps": report.steps}
-    ckpt = adapter.save(args.out, extra)
+    ckpt = adapter.save(args.out, extra, half=args.half)
     print(f"adapter {ckpt} written to {args.out} ({report.steps} steps, {report.seconds:.0f} s)")
 
 
@@ -186,6 +186,14 @@ def cmd_bench_index(args: argparse.Namespace) -> None:
     _write_json(args.out, result)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from service.bench import bench_serve
+
+    result = bench_serve(args.url, args.data, args.documents, args.per_client, args.max_new_tokens)
+    print(_table(result))
+    _write_json(args.out, result)
+
+
 def cmd_eval_squad(args: argparse.Namespace) -> None:
     from adapters.corpus import parse_range
     from service.eval_squad import EvalOptions, eval_squad, markdown
@@ -233,16 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, required=True)
     fit.add_argument("--model", default="smollm2")
     fit.add_argument("--examples", default="qa", help="training example builder: qa, cloze, lm")
-    fit.add_argument("--rank", type=int, default=16)
+    fit.add_argument("--rank", type=int, default=128)
     fit.add_argument("--alpha", type=float, default=None)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--targets", default="o,down")
-    fit.add_argument("--layers", default=None, help="decoder layers, e.g. 22-29 (default: all)")
+    fit.add_argument("--layers", default="22-29", help="decoder layers, e.g. 22-29; \"all\" for every layer")
     fit.add_argument("--encoder-layer", type=int, default=8)
     fit.add_argument("--no-encoder", action="store_true", help="learn a free x per fitting document instead")
-    fit.add_argument("--epochs", type=float, default=1.0)
-    fit.add_argument("--batch-size", type=int, default=16)
-    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--epochs", type=float, default=2.0)
+    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--lr", type=float, default=2e-3)
+    fit.add_argument("--half", action="store_true", help="store U, V and the encoder as float16 (half the size)")
     fit.set_defaults(func=cmd_fit)
 
     common = argparse.ArgumentParser(add_help=False)
@@ -286,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     b_index.add_argument("--queries", type=int, default=300)
     b_index.add_argument("--out", type=Path, default=None)
     b_index.set_defaults(func=cmd_bench_index)
+    b_serve = bench.add_parser("serve", help="throughput, latency and time to first token over HTTP")
+    b_serve.add_argument("--url", default=None, help="a running server; default: start one on a fresh data folder")
+    b_serve.add_argument("--data", type=Path, default=SHARED_SQUAD, help="SQuAD file whose paragraphs are registered")
+    b_serve.add_argument("--documents", type=int, default=32)
+    b_serve.add_argument("--per-client", type=int, default=4)
+    b_serve.add_argument("--max-new-tokens", type=int, default=32)
+    b_serve.add_argument("--out", type=Path, default=None)
+    b_serve.set_defaults(func=cmd_bench_serve)
 
     evaluate = sub.add_parser("eval", help="knowledge benchmarks").add_subparsers(dest="suite", required=True)
     squad = evaluate.add_parser("squad", help="do plugins carry their paragraph's answers? (SQuAD, split by article)")

@@ -1,0 +1,68 @@
+"""The SQuAD benchmark harness, end to end on the tiny model: every run scored, report files written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adapters.adapter import AdapterConfig, PluginAdapter
+from adapters.base_model import tiny_model
+from adapters.encoder import EncoderConfig
+from adapters.training import FoldInConfig
+from service.eval_squad import RUNS, EvalOptions, eval_squad, sample_paragraphs
+
+
+def _squad(path: Path) -> None:
+    articles = []
+    for a in range(4):
+        paragraphs = []
+        for p in range(3):
+            fact = f"The {['red', 'blue', 'green'][p]} tower of town {a} was built in {1800 + 10 * a + p}."
+            qas = [{"id": f"{a}-{p}", "question": f"When was the {['red', 'blue', 'green'][p]} tower of town {a} built?",
+                    "answers": [{"text": str(1800 + 10 * a + p), "answer_start": 0}]}]
+            paragraphs.append({"context": fact + " It is tall.", "qas": qas})
+        articles.append({"title": f"Town {a}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": "1.1", "data": articles}))
+
+
+def test_eval_squad_reports_every_run(tmp_path: Path) -> None:
+    _squad(tmp_path / "squad.json")
+    base = tiny_model()
+    config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=16))
+    PluginAdapter(base, config).save(tmp_path / "adapter")
+    options = EvalOptions(
+        data=tmp_path / "squad.json",
+        fit_articles=[0, 1],
+        eval_articles=[2, 3],
+        adapter=tmp_path / "adapter",
+        max_paragraphs=4,
+        max_new_tokens=4,
+        batch=4,
+        model="tiny",
+        capacity_paragraphs=2,
+        fold_in=FoldInConfig(),
+    )
+    report = eval_squad(options, tmp_path / "out" / "squad.json")
+    expected = {f"{m}/{r}" for m, r in RUNS} | {"capacity/oracle", "none/capacity-subset"}
+    assert set(report["results"]) == expected
+    for key, row in report["results"].items():
+        assert set(row) == {"contained", "em", "f1", "context_tokens", "latency_ms", "n"}, key
+        assert 0 <= row["contained"] <= 1 and row["n"] > 0
+    assert report["results"]["plugins/oracle"]["n"] == 4 and report["results"]["plugins/oracle"]["context_tokens"] == 0
+    assert report["results"]["context/oracle"]["context_tokens"] > 5
+    assert report["bytes_per_plugin"] == 4 * 4 * 4 and report["fold_in_seconds_per_doc"] > 0
+    assert 0 <= report["retrieval_recall_at_k"] <= 1 and "plugin_nn_same_article" in report["similarity"]
+    assert report["config"]["paragraphs"] == 4 and report["config"]["eval_articles"] == "2-3"
+    for suffix in (".json", ".md", ".png"):
+        assert (tmp_path / "out" / f"squad{suffix}").stat().st_size > 100
+
+
+def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
+    _squad(tmp_path / "squad.json")
+    from adapters.corpus import load_squad
+
+    docs = load_squad(tmp_path / "squad.json")
+    first = [d.id for d in sample_paragraphs(docs, [2, 3], 3, seed=0)]
+    assert first == [d.id for d in sample_paragraphs(docs, [2, 3], 3, seed=0)]
+    assert all(d.article in (2, 3) for d in sample_paragraphs(docs, [2, 3], 3, seed=0))
+    assert len(sample_paragraphs(docs, [2, 3], None, seed=0)) == 6
