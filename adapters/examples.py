@@ -61,8 +61,10 @@ def cloze_examples(doc: Document, per_sentence: int = 3) -> list[Example]:
     return out or lm_examples(doc)
 
 
-_YEAR = re.compile(r"^(?:1\d{3}|20\d{2})$|^(?:January|February|March|April|May|June|July|August|September|October|"
-                   r"November|December)\b")
+_YEAR = re.compile(
+    r"^(?:1\d{3}|20\d{2})$|^(?:January|February|March|April|May|June|July|August|September|October|"
+    r"November|December)\b"
+)
 _NUMBER = re.compile(r"^\d")
 
 

@@ -197,18 +197,17 @@ def fold_in(
     with torch.no_grad():
         initial = per_doc_loss(x0)
     opt = torch.optim.Adam([x], lr=config.lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = per_doc_loss(x)
-        (loss.sum() + config.l2 * (x**2).sum()).backward()
-        opt.step()
+    with torch.enable_grad():  # callers (the engine's thread) may have switched gradients off
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = per_doc_loss(x)
+            (loss.sum() + config.l2 * (x**2).sum()).backward()
+            opt.step()
     with torch.no_grad():
         final = per_doc_loss(x)
     seconds = (time.perf_counter() - started) / len(texts)
     plugins = x.detach().float().numpy()
-    return [
-        FoldInResult(plugins[i].copy(), float(final[i]), float(initial[i]), seconds) for i in range(len(texts))
-    ]
+    return [FoldInResult(plugins[i].copy(), float(final[i]), float(initial[i]), seconds) for i in range(len(texts))]
 
 
 def fit(

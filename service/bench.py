@@ -70,7 +70,8 @@ def _load(
         for i in range(per_client):
             query = queries[(c * per_client + i) % len(queries)]
             started = time.perf_counter()
-            reply = client.post("/generate", json={"query": query, "mode": mode, "max_new_tokens": tokens})
+            body = {"query": query, "mode": mode, "max_new_tokens": tokens, "min_new_tokens": tokens}
+            reply = client.post("/generate", json=body)
             reply.raise_for_status()
             out.append((time.perf_counter() - started, reply.json()["usage"]["completion_tokens"]))
         return out

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--alpha", type=float, default=None)
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--targets", default="o,down")
-    fit.add_argument("--layers", default="22-29", help="decoder layers, e.g. 22-29; \"all\" for every layer")
+    fit.add_argument("--layers", default="22-29", help='decoder layers, e.g. 22-29; "all" for every layer')
     fit.add_argument("--encoder-layer", type=int, default=8)
     fit.add_argument("--no-encoder", action="store_true", help="learn a free x per fitting document instead")
     fit.add_argument("--epochs", type=float, default=2.0)

@@ -1,5 +1,9 @@
 """The generation engine: one thread decodes every active request together, each row with its own composition.
 
+It is also the process's only torch thread. libgomp gives its full team only to the first thread that uses it;
+a second torch thread ran a decode step at single-core speed (61 ms against 35 ms on 2 cores), so loading, query
+embeddings and fold-in are handed to this thread with ``call`` and run between decoding steps.
+
 Each decoding step is one forward of the batch (B, 1) with Z (B, M, r) and a gate (B,) (0: the bare model, for the
 `none` and `context` modes). A new request is prefilled alone, then joins at the next step: its KV cache is
 left-padded to the batch's length (or the batch to its) and concatenated; a finished row is dropped. Padding is
@@ -13,8 +17,10 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +33,7 @@ from adapters.errors import OverloadedError
 from adapters.forward import CausalLM
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,6 +42,7 @@ class GenerationRequest:
     z: Tensor | None  # (M, r) composition; None: z = 0
     use_adapter: bool  # False: this row runs the bare base model
     max_new_tokens: int
+    min_new_tokens: int = 0  # end-of-text is suppressed before this many tokens (fixed-length benchmarks)
     temperature: float = 0.0
     seed: int | None = None
     timeout_s: float = 120.0
@@ -96,26 +104,30 @@ class _Row:
 class Engine:
     def __init__(
         self,
-        model: CausalLM,
-        tokenizer: PreTrainedTokenizerBase,
-        adapter: PluginAdapter,
+        model: CausalLM | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        adapter: PluginAdapter | None = None,
         max_batch: int = 8,
         queue_size: int = 64,
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.adapter = adapter
         self.max_batch = max_batch
         self.queue_size = queue_size
-        self.eos_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
         self._pending: collections.deque[tuple[RequestHandle, GenerationRequest]] = collections.deque()
+        self._tasks: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._wake = threading.Condition()
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
-        self._mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L)
-        self._z = torch.zeros(0, *adapter.plugin_shape)  # (B, M, r)
-        self._gate = torch.zeros(0)  # (B,)
         self._thread: threading.Thread | None = None
+        if model is not None and tokenizer is not None and adapter is not None:
+            self.bind(model, tokenizer, adapter)
+
+    def bind(self, model: CausalLM, tokenizer: PreTrainedTokenizerBase, adapter: PluginAdapter) -> None:
+        """The model to decode with (it may be loaded by a ``call`` on this engine's thread first)."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.eos_ids = {i for i in (tokenizer.eos_token_id,) if i is not None}
+        self._reset()
         self._stopping = False
         self.tokens_generated = 0
         self.steps = 0
@@ -133,6 +145,20 @@ class Engine:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run fn on the engine's thread, between decoding steps; its result or exception comes in the future."""
+        future: Future[T] = Future()
+        if threading.current_thread() is self._thread:  # already on it: run now, never wait on ourselves
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+            return future
+        with self._wake:
+            self._tasks.append((fn, future))
+            self._wake.notify()
+        return future
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
         handle = RequestHandle(loop)
@@ -157,13 +183,21 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._wake:
-                while not self._stopping and not self._pending and not self._rows:
+                while not self._stopping and not self._pending and not self._rows and not self._tasks:
                     self._wake.wait()
                 if self._stopping:
                     break
+                task = self._tasks.popleft() if self._tasks else None
                 admitted: list[tuple[RequestHandle, GenerationRequest]] = []
                 while self._pending and len(self._rows) + len(admitted) < self.max_batch:
                     admitted.append(self._pending.popleft())
+            if task is not None:  # one task between steps, so the batch keeps moving
+                fn, future = task
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:
+                        future.set_exception(exc)
             try:
                 for handle, request in admitted:
                     self._admit(handle, request)
@@ -178,6 +212,8 @@ class Engine:
             row.handle._emit(RuntimeError("the engine stopped"))
         for handle, _ in self._pending:
             handle._emit(RuntimeError("the engine stopped"))
+        for _, future in self._tasks:
+            future.cancel()
 
     def _reset(self) -> None:
         self._rows, self._cache = [], None
@@ -256,6 +292,9 @@ class Engine:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _pick(self, logits: Tensor, row: _Row) -> int:
+        if len(row.ids) < row.request.min_new_tokens:
+            logits = logits.clone()
+            logits[list(self.eos_ids)] = float("-inf")
         temperature = row.request.temperature
         if temperature <= 0:
             return int(torch.argmax(logits))

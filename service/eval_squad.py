@@ -173,9 +173,8 @@ class SquadEval:
             others = [p.id for p in paragraphs if p.article != doc.article] or [
                 p.id for p in paragraphs if p is not doc
             ]
-            vectors = rt.embedder.embed([qa.question for qa in doc.questions])
-            for qa, vec in zip(doc.questions, vectors, strict=True):
-                out.append(Question(doc, qa, rt.store.search(vec, self.o.top_k), rng.choice(others)))
+            for qa in doc.questions:
+                out.append(Question(doc, qa, rt.search(qa.question, self.o.top_k), rng.choice(others)))
         return out
 
     def _hits(self, retrieval: str, q: Question) -> list[tuple[str, float]] | None:
@@ -218,7 +217,7 @@ class SquadEval:
         rt = self.runtime
         chosen = list(paragraphs[: self.o.capacity_paragraphs])
         config = FoldInConfig(examples="qa", steps=60, lr=0.3, l2=0.0)
-        results = fold_in(rt.adapter, rt.base.model, rt.base.tokenizer, chosen, config)
+        results = rt.engine.call(lambda: fold_in(rt.adapter, rt.base.model, rt.base.tokenizer, chosen, config)).result()
         for doc, res in zip(chosen, results, strict=True):
             rt.store.put(f"capacity:{doc.id}", doc.text, {}, rt.store.embedding(doc.id), res.plugin)
         ids = {d.id for d in chosen}

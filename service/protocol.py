@@ -97,6 +97,7 @@ class GenerateRequest(Strict):
     top_k: int | None = Field(None, ge=1)
     mode: Mode = "plugins"
     max_new_tokens: int | None = Field(None, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     seed: int | None = None
     stream: bool = False

@@ -24,6 +24,7 @@ from adapters.errors import ConflictError, KplugError, OverloadedError
 from adapters.training import FoldInConfig, fold_in
 from index.embedder import Embedder
 from index.store import Job, PluginStore, content_hash
+from service.engine import Engine
 
 log = logging.getLogger(__name__)
 CHUNK = 4
@@ -38,6 +39,7 @@ class Registrar:
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         fold_in_config: FoldInConfig,
+        engine: Engine,
         max_pending: int = 32,
     ) -> None:
         self.store = store
@@ -46,6 +48,7 @@ class Registrar:
         self.model = model
         self.tokenizer = tokenizer
         self.fold_in_config = fold_in_config
+        self.engine = engine  # embedding and fold-in run on its thread, between decoding steps
         self.max_pending = max_pending
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._done: dict[str, threading.Event] = {}
@@ -130,8 +133,12 @@ class Registrar:
         if work:
             texts = [docs[i]["text"] for i in work]
             started = time.perf_counter()
-            embeddings = self.embedder.embed(texts)
-            folded = fold_in(self.adapter, self.model, self.tokenizer, texts, self.fold_in_config)
+            embeddings, folded = self.engine.call(
+                lambda: (
+                    self.embedder.embed(texts),
+                    fold_in(self.adapter, self.model, self.tokenizer, texts, self.fold_in_config),
+                )
+            ).result()
             seconds = (time.perf_counter() - started) / len(work)
             for j, i in enumerate(work):
                 doc, result = docs[i], folded[j]

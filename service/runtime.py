@@ -54,18 +54,18 @@ class Runtime:
     def load(self) -> None:
         s = self.settings
         started = time.perf_counter()
-        self.base = load_base_model(s.model, s.cache_dir)
-        self.adapter = PluginAdapter.load(s.adapter_dir(), self.base)
-        self.embedder = Embedder(s.embedder)
+        self.engine = Engine(max_batch=s.max_batch, queue_size=s.queue_size)
+        self.engine.start()
+        self.engine.call(self._load_models).result()  # torch runs on the engine's thread only
         assert self.adapter.checkpoint_id is not None
         self.store = PluginStore(
             s.data_dir / "store", self.embedder.dim, self.adapter.plugin_shape, self.adapter.checkpoint_id, s.index_kind
         )
-        self.engine = Engine(self.base.model, self.base.tokenizer, self.adapter, s.max_batch, s.queue_size)
+        self.engine.bind(self.base.model, self.base.tokenizer, self.adapter)
         self.registrar = Registrar(
-            self.store, self.embedder, self.adapter, self.base.model, self.base.tokenizer, s.fold_in, s.max_pending_jobs
-        )
-        self.engine.start()
+            self.store, self.embedder, self.adapter, self.base.model, self.base.tokenizer, s.fold_in, self.engine,
+            s.max_pending_jobs,
+        )  # fmt: skip
         self.registrar.start()
         self.ready = True
         log.info(
@@ -77,6 +77,38 @@ class Runtime:
             self.adapter.plugin_bytes,
             self.store.count(),
         )
+
+    def _load_models(self) -> None:
+        s = self.settings
+        self.base = load_base_model(s.model, s.cache_dir)
+        self.adapter = PluginAdapter.load(s.adapter_dir(), self.base)
+        self.embedder = Embedder(s.embedder)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Text embeddings (N, d), computed on the engine's thread."""
+        return self.engine.call(lambda: self.embedder.embed(texts)).result()
+
+    def search(self, query: str, top_k: int) -> list[tuple[str, float]]:
+        """Embed and search on the engine's thread: a FAISS search on a request thread left an OpenMP team there
+        that slowed every later decoding step (71 ms against 40 ms, measured)."""
+        return self.engine.call(lambda: self.store.search(self.embedder.embed([query])[0], top_k)).result()
+
+    def _compose(self, hits: list[tuple[str, float]], mode: Mode) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
+        """Weights from the scores and the composed plugin (on the engine's thread: torch runs nowhere else)."""
+        weights = retrieval_weights(
+            torch.tensor([score for _, score in hits]), self.settings.composition_temperature
+        )  # (K,)
+        documents: list[dict[str, Any]] = [
+            {"id": i, "score": s, "weight": float(w)} for (i, s), w in zip(hits, weights, strict=True)
+        ]
+        if mode not in ("plugins", "combine") or not hits:
+            return documents, None
+        plugins = self.store.plugins([i for i, _ in hits])
+        usable = [(plugins[d["id"]], d["weight"]) for d in documents if d["id"] in plugins]
+        if not usable:
+            return documents, None
+        stacked = torch.from_numpy(np.stack([p for p, _ in usable]))  # (K, M, r)
+        return documents, compose(stacked, torch.tensor([w for _, w in usable]))  # (M, r)
 
     def close(self) -> None:
         if not self.ready:
@@ -108,21 +140,9 @@ class Runtime:
         if mode == "none":
             hits = []
         elif hits is None:
-            hits = self.store.search(self.embedder.embed([query])[0], top_k)
+            hits = self.search(query, top_k)
         retrieved = time.perf_counter()
-        weights = retrieval_weights(
-            torch.tensor([score for _, score in hits]), self.settings.composition_temperature
-        )  # (K,)
-        documents: list[dict[str, Any]] = [
-            {"id": i, "score": s, "weight": float(w)} for (i, s), w in zip(hits, weights, strict=True)
-        ]
-        z = None
-        if mode in ("plugins", "combine") and hits:
-            plugins = self.store.plugins([i for i, _ in hits])
-            usable = [(plugins[d["id"]], d["weight"]) for d in documents if d["id"] in plugins]
-            if usable:
-                stacked = torch.from_numpy(np.stack([p for p, _ in usable]))  # (K, M, r)
-                z = compose(stacked, torch.tensor([w for _, w in usable]))  # (M, r)
+        documents, z = self.engine.call(lambda: self._compose(hits or [], mode)).result()
         composed = time.perf_counter()
         contexts = [self.store.get(d["id"]).text for d in documents] if mode in ("context", "combine") else []
         tokenizer = self.base.tokenizer

@@ -123,7 +123,7 @@ def list_documents(
 
 @router.get("/documents/clusters", response_model=ClustersOut)
 def clusters(runtime: RuntimeDep, n: Annotated[int, Query(ge=1, le=1000)] = 8) -> ClustersOut:
-    return ClustersOut(clusters=runtime.store.clusters(n))
+    return ClustersOut(clusters=runtime.engine.call(lambda: runtime.store.clusters(n)).result())
 
 
 @router.get("/documents/{doc_id}", response_model=DocumentOut)
@@ -139,5 +139,5 @@ def delete_document(doc_id: str, runtime: RuntimeDep) -> Response:
 
 @router.get("/documents/{doc_id}/similar", response_model=SimilarOut)
 def similar(doc_id: str, runtime: RuntimeDep, k: Annotated[int, Query(ge=1, le=100)] = 5) -> SimilarOut:
-    hits = runtime.store.similar(doc_id, k)
+    hits = runtime.engine.call(lambda: runtime.store.similar(doc_id, k)).result()  # compute on the engine thread
     return SimilarOut(id=doc_id, similar=[SimilarDocument(id=i, cosine=c) for i, c in hits])

@@ -67,9 +67,12 @@ async def stream_events(handle: RequestHandle) -> AsyncIterator[str | Finished]:
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, runtime: RuntimeDep) -> GenerateResponse | StreamingResponse:
     top_k, max_new = check_limits(runtime.settings, body.query, body.top_k, body.max_new_tokens)
+    if body.min_new_tokens > max_new:
+        raise InvalidInputError(f"min_new_tokens {body.min_new_tokens} is over max_new_tokens {max_new}")
     prepared = await asyncio.to_thread(
         runtime.prepare, body.query, body.mode, top_k, max_new, body.temperature, body.seed
     )
+    prepared.request.min_new_tokens = body.min_new_tokens
     handle = runtime.submit(prepared)
     if not body.stream:
         final = await handle.result()

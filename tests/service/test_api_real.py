@@ -19,20 +19,41 @@ import pytest
 pytestmark = pytest.mark.slow
 
 DOCS = [
-    {"id": "volcano", "text": "Mount Korvath is a volcano on the island of Delmar. It last erupted in 1887, burying "
-     "the town of Essel under ash. Its summit is 2,314 metres above sea level."},
-    {"id": "violin", "text": "The Stradivarius violin known as the Lady Blunt was made in 1721 by Antonio "
-     "Stradivari in Cremona. It was sold at auction in 2011 for 15.9 million dollars."},
-    {"id": "comet", "text": "Comet Halley returns to the inner Solar System about every 76 years. It was last "
-     "seen from Earth in 1986 and will next appear in 2061."},
-    {"id": "bridge", "text": "The Golden Gate Bridge opened in 1937 and spans the strait between San Francisco "
-     "Bay and the Pacific Ocean. Its main span is 1,280 metres long."},
-    {"id": "coffee", "text": "Coffee plants were first cultivated in Yemen in the fifteenth century. The two main "
-     "species grown today are arabica and robusta."},
-    {"id": "penguin", "text": "Emperor penguins breed during the Antarctic winter. The male keeps the single egg "
-     "warm on its feet for about 64 days while the female feeds at sea."},
-    {"id": "printing", "text": "Johannes Gutenberg introduced movable type printing in Europe around 1440 in "
-     "Mainz. His 42-line Bible was printed about 1455."},
+    {
+        "id": "volcano",
+        "text": "Mount Korvath is a volcano on the island of Delmar. It last erupted in 1887, burying "
+        "the town of Essel under ash. Its summit is 2,314 metres above sea level.",
+    },
+    {
+        "id": "violin",
+        "text": "The Stradivarius violin known as the Lady Blunt was made in 1721 by Antonio "
+        "Stradivari in Cremona. It was sold at auction in 2011 for 15.9 million dollars.",
+    },
+    {
+        "id": "comet",
+        "text": "Comet Halley returns to the inner Solar System about every 76 years. It was last "
+        "seen from Earth in 1986 and will next appear in 2061.",
+    },
+    {
+        "id": "bridge",
+        "text": "The Golden Gate Bridge opened in 1937 and spans the strait between San Francisco "
+        "Bay and the Pacific Ocean. Its main span is 1,280 metres long.",
+    },
+    {
+        "id": "coffee",
+        "text": "Coffee plants were first cultivated in Yemen in the fifteenth century. The two main "
+        "species grown today are arabica and robusta.",
+    },
+    {
+        "id": "penguin",
+        "text": "Emperor penguins breed during the Antarctic winter. The male keeps the single egg "
+        "warm on its feet for about 64 days while the female feeds at sea.",
+    },
+    {
+        "id": "printing",
+        "text": "Johannes Gutenberg introduced movable type printing in Europe around 1440 in "
+        "Mainz. His 42-line Bible was printed about 1455.",
+    },
     {"text": "The Nile is about 6,650 kilometres long and flows north into the Mediterranean Sea through Egypt."},
 ]
 QUERIES = [

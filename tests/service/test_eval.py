@@ -18,8 +18,13 @@ def _squad(path: Path) -> None:
         paragraphs = []
         for p in range(3):
             fact = f"The {['red', 'blue', 'green'][p]} tower of town {a} was built in {1800 + 10 * a + p}."
-            qas = [{"id": f"{a}-{p}", "question": f"When was the {['red', 'blue', 'green'][p]} tower of town {a} built?",
-                    "answers": [{"text": str(1800 + 10 * a + p), "answer_start": 0}]}]
+            qas = [
+                {
+                    "id": f"{a}-{p}",
+                    "question": f"When was the {['red', 'blue', 'green'][p]} tower of town {a} built?",
+                    "answers": [{"text": str(1800 + 10 * a + p), "answer_start": 0}],
+                }
+            ]
             paragraphs.append({"context": fact + " It is tall.", "qas": qas})
         articles.append({"title": f"Town {a}", "paragraphs": paragraphs})
     path.write_text(json.dumps({"version": "1.1", "data": articles}))
