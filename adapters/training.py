@@ -36,7 +36,7 @@ Objective = Callable[[CausalLM, Tensor, Tensor, Tensor, int], Tensor]
 class FoldInConfig(Schema):
     model_config = ConfigDict(extra="forbid")
 
-    examples: str = "cloze"
+    examples: str = "questions"  # rule-made questions from the text; see the README's method notes
     steps: int | None = Field(None, ge=0)  # None: 0 with an encoder (its plugin as it is), else 30
     lr: float = Field(0.1, gt=0)
     l2: float = Field(1e-4, ge=0)
