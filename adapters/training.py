@@ -156,6 +156,13 @@ def encode_plugins(
         return _encode_docs(adapter, _doc_features(adapter, model, tokenizer, texts))
 
 
+def fold_in_steps(adapter: PluginAdapter, config: FoldInConfig) -> int:
+    """Gradient steps fold-in takes: by default none on top of an encoder (its plugin as it is), else 30."""
+    if config.steps is not None:
+        return config.steps
+    return 0 if adapter.encoder is not None else 30
+
+
 def fold_in(
     adapter: PluginAdapter,
     model: CausalLM,
@@ -175,7 +182,7 @@ def fold_in(
             raise InvalidInputError("cannot fold in an empty document")
     started = time.perf_counter()
     x0 = encode_plugins(adapter, model, tokenizer, texts)  # (N, M, r)
-    steps = config.steps if config.steps is not None else (0 if adapter.encoder is not None else 30)
+    steps = fold_in_steps(adapter, config)
     if steps == 0:  # the amortised path: one encoder forward, nothing trained, no loss to report
         seconds = (time.perf_counter() - started) / len(texts)
         return [FoldInResult(x.float().numpy().copy(), None, None, seconds) for x in x0]

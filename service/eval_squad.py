@@ -29,7 +29,7 @@ import numpy as np
 
 from adapters.corpus import QA, Document, load_squad
 from adapters.metrics import contained, exact_match, f1
-from adapters.training import FoldInConfig, fold_in
+from adapters.training import FoldInConfig, fold_in, fold_in_steps
 from service.metrics import Metrics
 from service.protocol import Mode
 from service.runtime import Runtime
@@ -148,6 +148,7 @@ class SquadEval:
                 "adapter_id": rt.adapter.checkpoint_id,
                 "adapter_config": rt.adapter.config.model_dump(),
                 "fold_in": rt.settings.fold_in.model_dump(),
+                "fold_in_steps": fold_in_steps(rt.adapter, rt.settings.fold_in),
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },
@@ -273,6 +274,13 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def _fold_in_method(cfg: dict[str, Any]) -> str:
+    fold, steps, encoder = cfg["fold_in"], cfg["fold_in_steps"], cfg["adapter_config"]["encoder"] is not None
+    if steps == 0:
+        return "encoder only"
+    return f"{'encoder + ' if encoder else ''}{steps} steps on {fold['examples']} examples, lr {fold['lr']}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "| mode/retrieval | contained | EM | F1 | context tokens | latency ms | n |",
@@ -287,7 +295,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Retrieval recall@{cfg['top_k']}: {report['retrieval_recall_at_k']:.3f}. "
-        f"Fold-in: {report['fold_in_seconds_per_doc']:.3f} s per paragraph. "
+        f"Fold-in ({_fold_in_method(cfg)}): {report['fold_in_seconds_per_doc']:.3f} s per paragraph. "
         f"Plugin: {report['bytes_per_plugin']} bytes.",
         f"Nearest neighbour from the same article: plugins {sim['plugin_nn_same_article']:.3f}, "
         f"MiniLM embeddings {sim['embedding_nn_same_article']:.3f} (chance {sim['chance']:.3f}).",
