@@ -274,6 +274,10 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def _fmt(value: float | None) -> str:
+    return "undefined (no variance)" if value is None else f"{value:.3f}"
+
+
 def _fold_in_method(cfg: dict[str, Any]) -> str:
     fold, steps, encoder = cfg["fold_in"], cfg["fold_in_steps"], cfg["adapter_config"]["encoder"] is not None
     if steps == 0:
@@ -304,7 +308,7 @@ def markdown(report: dict[str, Any]) -> str:
         u = report["uniqueness"]
         lines.append(
             f"Uniqueness: correlation of |x_d| with the plugin's F1 gain on its paragraph's questions: "
-            f"Pearson {u['pearson_norm_vs_f1_gain']}, Spearman {u['spearman_norm_vs_f1_gain']}."
+            f"Pearson {_fmt(u['pearson_norm_vs_f1_gain'])}, Spearman {_fmt(u['spearman_norm_vs_f1_gain'])}."
         )
     lines.append(
         f"{cfg['paragraphs']} paragraphs, {cfg['questions']} questions of articles {cfg['eval_articles']}; "
