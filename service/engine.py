@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _settle(future: Future[T], fn: Callable[[], T]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -150,10 +157,7 @@ class Engine:
         """Run fn on the engine's thread, between decoding steps; its result or exception comes in the future."""
         future: Future[T] = Future()
         if threading.current_thread() is self._thread:  # already on it: run now, never wait on ourselves
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
+            _settle(future, fn)
             return future
         with self._wake:
             self._tasks.append((fn, future))
@@ -194,10 +198,7 @@ class Engine:
             if task is not None:  # one task between steps, so the batch keeps moving
                 fn, future = task
                 if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:
-                        future.set_exception(exc)
+                    _settle(future, fn)
             try:
                 for handle, request in admitted:
                     self._admit(handle, request)

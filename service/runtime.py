@@ -84,10 +84,6 @@ class Runtime:
         self.adapter = PluginAdapter.load(s.adapter_dir(), self.base)
         self.embedder = Embedder(s.embedder)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Text embeddings (N, d), computed on the engine's thread."""
-        return self.engine.call(lambda: self.embedder.embed(texts)).result()
-
     def search(self, query: str, top_k: int) -> list[tuple[str, float]]:
         """Embed and search on the engine's thread: a FAISS search on a request thread left an OpenMP team there
         that slowed every later decoding step (71 ms against 40 ms, measured)."""
@@ -133,6 +129,7 @@ class Runtime:
         seed: int | None,
         history: list[dict[str, str]] | None = None,
         hits: list[tuple[str, float]] | None = None,
+        min_new_tokens: int = 0,
     ) -> Prepared:
         """Retrieve top_k documents for query (unless hits are given), weigh them, compose their plugins and
         build the prompt."""
@@ -158,6 +155,7 @@ class Runtime:
             z=z,
             use_adapter=mode in ("plugins", "combine"),
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             temperature=temperature,
             seed=seed,
             timeout_s=self.settings.request_timeout_s,

@@ -70,9 +70,9 @@ async def generate(body: GenerateRequest, runtime: RuntimeDep) -> GenerateRespon
     if body.min_new_tokens > max_new:
         raise InvalidInputError(f"min_new_tokens {body.min_new_tokens} is over max_new_tokens {max_new}")
     prepared = await asyncio.to_thread(
-        runtime.prepare, body.query, body.mode, top_k, max_new, body.temperature, body.seed
-    )
-    prepared.request.min_new_tokens = body.min_new_tokens
+        runtime.prepare, body.query, body.mode, top_k, max_new, body.temperature, body.seed,
+        min_new_tokens=body.min_new_tokens,
+    )  # fmt: skip
     handle = runtime.submit(prepared)
     if not body.stream:
         final = await handle.result()
