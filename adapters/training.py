@@ -41,6 +41,7 @@ class FoldInConfig(Schema):
     lr: float = Field(0.1, gt=0)
     l2: float = Field(1e-4, ge=0)
     max_len: int = Field(256, ge=8)
+    micro_batch: int = Field(8, ge=1)
 
 
 class FitConfig(Schema):
@@ -191,14 +192,23 @@ def fold_in(
     if not examples:
         raise InvalidInputError("the document yields no training examples")
     cache = _PrefixCache(model, examples, adapter.lowest_layer)
-    doc_of = torch.tensor([e.doc for e in examples])  # (E,)
-    h, mask, labels = cache.batch(range(len(examples)), examples)
+    counts = torch.bincount(torch.tensor([e.doc for e in examples]), minlength=len(texts)).clamp(min=1)  # (N,)
+    # Micro-batches of similar length, padded once: one full batch of every example is several GB of
+    # activations, and allocating it each step cost more time (page faults) than the arithmetic.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
+    batches = [(torch.tensor([examples[i].doc for i in c]), *cache.batch(c, examples)) for c in chunks]
 
-    def per_doc_loss(x: Tensor) -> Tensor:  # x (N, M, r) -> (N,)
-        with adapter.use(x[doc_of]):
-            rows = objective(model, h, mask, labels, adapter.lowest_layer)  # (E,)
-        sums = torch.zeros(len(texts)).index_add(0, doc_of, rows)
-        return sums / torch.bincount(doc_of, minlength=len(texts)).clamp(min=1)
+    def per_doc_loss(x: Tensor, backward: bool = False) -> Tensor:  # x (N, M, r) -> (N,), mean over examples
+        total = torch.zeros(len(texts))
+        for doc_of, h, mask, labels in batches:
+            with adapter.use(x[doc_of]):
+                rows = objective(model, h, mask, labels, adapter.lowest_layer)  # (b,)
+            part = torch.zeros(len(texts)).index_add(0, doc_of, rows) / counts  # (N,)
+            if backward:  # accumulate per chunk so that only one chunk's activations live at a time
+                part.sum().backward()
+            total += part.detach()
+        return total
 
     x = x0.clone().requires_grad_(True)
     with torch.no_grad():
@@ -207,8 +217,8 @@ def fold_in(
     with torch.enable_grad():  # callers (the engine's thread) may have switched gradients off
         for _ in range(steps):
             opt.zero_grad()
-            loss = per_doc_loss(x)
-            (loss.sum() + config.l2 * (x**2).sum()).backward()
+            per_doc_loss(x, backward=True)
+            (config.l2 * (x**2).sum()).backward()
             opt.step()
     with torch.no_grad():
         final = per_doc_loss(x)

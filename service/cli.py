@@ -197,7 +197,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 def cmd_eval_squad(args: argparse.Namespace) -> None:
     from adapters.corpus import parse_range
     from adapters.training import FoldInConfig
-    from service.eval_squad import EvalOptions, eval_squad, markdown
+    from service.eval_squad import EvalOptions, eval_squad, markdown, parse_runs
 
     fit_articles, eval_articles = parse_range(args.fit_articles), parse_range(args.eval_articles)
     if set(fit_articles) & set(eval_articles):
@@ -222,6 +222,7 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         model=args.model,
         capacity_paragraphs=args.capacity_paragraphs,
         fold_in=FoldInConfig(examples=args.fold_in_examples, steps=args.fold_in_steps, lr=args.fold_in_lr),
+        runs=parse_runs(args.runs),
     )
     print(markdown(eval_squad(options, args.out)))
 
@@ -321,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--fold-in-steps", type=int, default=None, help="gradient steps after the encoder (default 0)")
     squad.add_argument("--fold-in-examples", default="questions", help="examples for those steps: questions, cloze, lm")
     squad.add_argument("--fold-in-lr", type=float, default=0.1)
+    squad.add_argument("--runs", default=None, help="mode/retrieval subset: none/none,plugins/oracle,...")
     squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")
     squad.set_defaults(func=cmd_eval_squad)
     return parser

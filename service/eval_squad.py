@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from adapters.corpus import QA, Document, load_squad
+from adapters.errors import InvalidInputError
 from adapters.metrics import contained, exact_match, f1
 from adapters.training import FoldInConfig, fold_in, fold_in_steps
 from service.metrics import Metrics
@@ -47,6 +48,18 @@ RUNS: list[tuple[Mode, str]] = [
     ("combine", "oracle"),
     ("combine", "retrieved"),
 ]
+
+
+def parse_runs(spec: str | None) -> list[tuple[Mode, str]]:
+    """A spec such as "none/none,plugins/oracle" -> a subset of RUNS, in RUNS order; None -> every run."""
+    if spec is None:
+        return list(RUNS)
+    wanted = {tuple(part.strip().split("/", 1)) for part in spec.split(",") if part.strip()}
+    known = {f"{m}/{r}" for m, r in RUNS}
+    unknown = sorted("/".join(w) for w in wanted if "/".join(w) not in known)
+    if unknown or not wanted:
+        raise InvalidInputError(f"unknown runs {unknown or spec!r}; known: {sorted(known)}")
+    return [run for run in RUNS if run in wanted]
 
 
 @dataclass

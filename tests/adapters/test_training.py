@@ -53,6 +53,18 @@ def test_fold_in_of_several_documents_equals_one_at_a_time(tiny: BaseModel, tiny
         assert abs(alone.loss - joint.loss) < 1e-3
 
 
+def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    texts = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
+    runs = [
+        fold_in(tiny_adapter, tiny.model, tiny.tokenizer, texts, FoldInConfig(steps=4, lr=0.2, micro_batch=size))
+        for size in (1, 3, 1000)
+    ]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert abs(a.loss - b.loss) < 1e-4
+            assert float(abs(a.plugin - b.plugin).max()) < 1e-4
+
+
 def test_fit_learns_shared_matrices_and_leaves_base_untouched(tiny: BaseModel) -> None:
     config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=32))
     adapter = PluginAdapter(tiny, config)

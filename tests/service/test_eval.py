@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from adapters.adapter import AdapterConfig, PluginAdapter
 from adapters.base_model import tiny_model
 from adapters.encoder import EncoderConfig
+from adapters.errors import InvalidInputError
 from adapters.training import FoldInConfig
-from service.eval_squad import RUNS, EvalOptions, eval_squad, sample_paragraphs
+from service.eval_squad import RUNS, EvalOptions, eval_squad, parse_runs, sample_paragraphs
 
 
 def _squad(path: Path) -> None:
@@ -71,3 +74,11 @@ def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
     assert first == [d.id for d in sample_paragraphs(docs, [2, 3], 3, seed=0)]
     assert all(d.article in (2, 3) for d in sample_paragraphs(docs, [2, 3], 3, seed=0))
     assert len(sample_paragraphs(docs, [2, 3], None, seed=0)) == 6
+
+
+def test_runs_subset_is_parsed_in_benchmark_order_and_unknown_runs_are_refused() -> None:
+    assert parse_runs("plugins/wrong, none/none") == [("none", "none"), ("plugins", "wrong")]
+    assert parse_runs(None) == list(RUNS)
+    for bad in ("plugins/nowhere", "", "context"):
+        with pytest.raises(InvalidInputError):
+            parse_runs(bad)
