@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import statistics
 import tempfile
@@ -262,6 +263,11 @@ class SquadEval:
                 "chance": float(np.mean([(articles == a).sum() - 1 for a in articles]) / max(1, len(ids) - 1)),
             }
         }
+        out["paired"] = {
+            f"plugins/oracle vs {other}": paired(outputs["plugins/oracle"], outputs[other], questions)
+            for other in ("none/none", "plugins/wrong")
+            if "plugins/oracle" in outputs and other in outputs
+        }
         if "plugins/oracle" in outputs and "none/none" in outputs:
             gain: dict[str, list[float]] = defaultdict(list)
             for q, with_plugin, without in zip(questions, outputs["plugins/oracle"], outputs["none/none"], strict=True):
@@ -275,6 +281,26 @@ class SquadEval:
                 "norm_std": float(norms.std()),
             }
         return out
+
+
+def paired(a: Sequence[str], b: Sequence[str], questions: Sequence[Question], seed: int = 0) -> dict[str, float]:
+    """Is run a above run b on the same questions? Milestone one asks "clearly above", so the report says how clearly:
+    questions only a (wins) or only b (losses) contains, an exact two-sided sign test on them, and a paired
+    bootstrap 95% interval of the mean F1 difference."""
+    got_a = np.array([contained(o, q.qa.answers) for o, q in zip(a, questions, strict=True)])
+    got_b = np.array([contained(o, q.qa.answers) for o, q in zip(b, questions, strict=True)])
+    wins, losses = int(((got_a == 1) & (got_b == 0)).sum()), int(((got_a == 0) & (got_b == 1)).sum())
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n if n else 1.0
+    diff = np.array([f1(x, q.qa.answers) - f1(y, q.qa.answers) for x, y, q in zip(a, b, questions, strict=True)])
+    boot = np.random.default_rng(seed).choice(diff, size=(2000, len(diff))).mean(1)  # (2000,)
+    return {
+        "wins": wins,
+        "losses": losses,
+        "sign_test_p": min(1.0, 2 * tail),
+        "f1_diff": float(diff.mean()),
+        "f1_diff_ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+    }
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
@@ -322,6 +348,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"Uniqueness: correlation of |x_d| with the plugin's F1 gain on its paragraph's questions: "
             f"Pearson {_fmt(u['pearson_norm_vs_f1_gain'])}, Spearman {_fmt(u['spearman_norm_vs_f1_gain'])}."
+        )
+    for key, t in report.get("paired", {}).items():
+        low, high = t["f1_diff_ci95"]
+        lines.append(
+            f"Paired, {key}: contained on {t['wins']} questions only with the plugin, {t['losses']} only without "
+            f"(sign test p {t['sign_test_p']:.3f}); F1 difference {t['f1_diff']:+.3f} "
+            f"(95% CI {low:+.3f} to {high:+.3f})."
         )
     lines.append(
         f"{cfg['paragraphs']} paragraphs, {cfg['questions']} questions of articles {cfg['eval_articles']}; "

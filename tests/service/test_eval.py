@@ -9,10 +9,11 @@ import pytest
 
 from adapters.adapter import AdapterConfig, PluginAdapter
 from adapters.base_model import tiny_model
+from adapters.corpus import QA, Document
 from adapters.encoder import EncoderConfig
 from adapters.errors import InvalidInputError
 from adapters.training import FoldInConfig
-from service.eval_squad import RUNS, EvalOptions, eval_squad, parse_runs, sample_paragraphs
+from service.eval_squad import RUNS, EvalOptions, Question, eval_squad, paired, parse_runs, sample_paragraphs
 
 
 def _squad(path: Path) -> None:
@@ -60,6 +61,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path) -> None:
     assert report["results"]["context/oracle"]["context_tokens"] > 5
     assert report["bytes_per_plugin"] == 4 * 4 * 4 and report["fold_in_seconds_per_doc"] > 0
     assert 0 <= report["retrieval_recall_at_k"] <= 1 and "plugin_nn_same_article" in report["similarity"]
+    assert set(report["paired"]) == {"plugins/oracle vs none/none", "plugins/oracle vs plugins/wrong"}
     assert report["config"]["paragraphs"] == 4 and report["config"]["eval_articles"] == "2-3"
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / "out" / f"squad{suffix}").stat().st_size > 100
@@ -82,3 +84,17 @@ def test_runs_subset_is_parsed_in_benchmark_order_and_unknown_runs_are_refused()
     for bad in ("plugins/nowhere", "", "context"):
         with pytest.raises(InvalidInputError):
             parse_runs(bad)
+
+
+def test_paired_comparison_counts_wins_and_losses_and_tests_them() -> None:
+    doc = Document("p", "The tower was built in 1889.")
+    questions = [Question(doc, QA(str(i), "When?", ("1889",)), [], "q") for i in range(12)]
+    a = ["1889"] * 10 + ["no", "no"]  # right on 10
+    b = ["no"] * 10 + ["1889", "1889"]  # right on the other 2
+    t = paired(a, b, questions)
+    assert (t["wins"], t["losses"]) == (10, 2)
+    assert abs(t["sign_test_p"] - 2 * (1 + 12 + 66) / 2**12) < 1e-12  # exact binomial, two-sided
+    low, high = t["f1_diff_ci95"]
+    assert 0 < low <= t["f1_diff"] <= high and abs(t["f1_diff"] - 8 / 12) < 1e-9
+    same = paired(a, a, questions)
+    assert (same["wins"], same["losses"], same["sign_test_p"], same["f1_diff"]) == (0, 0, 1.0, 0.0)
