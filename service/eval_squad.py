@@ -283,7 +283,7 @@ class SquadEval:
         return out
 
 
-def paired(a: Sequence[str], b: Sequence[str], questions: Sequence[Question], seed: int = 0) -> dict[str, float]:
+def paired(a: Sequence[str], b: Sequence[str], questions: Sequence[Question], seed: int = 0) -> dict[str, Any]:
     """Is run a above run b on the same questions? Milestone one asks "clearly above", so the report says how clearly:
     questions only a (wins) or only b (losses) contains, an exact two-sided sign test on them, and a paired
     bootstrap 95% interval of the mean F1 difference."""
