@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,16 @@ def sample_paragraphs(docs: Sequence[Document], articles: list[int], n: int | No
     return [d for i, d in enumerate(pool) if i in chosen]
 
 
+def _per_question(
+    metric: Callable[[str, Sequence[str]], float], outputs: Sequence[str], questions: Sequence[Question]
+) -> np.ndarray:
+    return np.array([metric(o, q.qa.answers) for o, q in zip(outputs, questions, strict=True)])
+
+
 def _score(outputs: Sequence[str], questions: Sequence[Question]) -> dict[str, float]:
     return {
-        "contained": float(np.mean([contained(o, q.qa.answers) for o, q in zip(outputs, questions, strict=True)])),
-        "em": float(np.mean([exact_match(o, q.qa.answers) for o, q in zip(outputs, questions, strict=True)])),
-        "f1": float(np.mean([f1(o, q.qa.answers) for o, q in zip(outputs, questions, strict=True)])),
+        name: float(_per_question(metric, outputs, questions).mean())
+        for name, metric in (("contained", contained), ("em", exact_match), ("f1", f1))
     }
 
 
@@ -287,12 +292,11 @@ def paired(a: Sequence[str], b: Sequence[str], questions: Sequence[Question], se
     """Is run a above run b on the same questions? Milestone one asks "clearly above", so the report says how clearly:
     questions only a (wins) or only b (losses) contains, an exact two-sided sign test on them, and a paired
     bootstrap 95% interval of the mean F1 difference."""
-    got_a = np.array([contained(o, q.qa.answers) for o, q in zip(a, questions, strict=True)])
-    got_b = np.array([contained(o, q.qa.answers) for o, q in zip(b, questions, strict=True)])
+    got_a, got_b = _per_question(contained, a, questions), _per_question(contained, b, questions)
     wins, losses = int(((got_a == 1) & (got_b == 0)).sum()), int(((got_a == 0) & (got_b == 1)).sum())
     n = wins + losses
     tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n if n else 1.0
-    diff = np.array([f1(x, q.qa.answers) - f1(y, q.qa.answers) for x, y, q in zip(a, b, questions, strict=True)])
+    diff = _per_question(f1, a, questions) - _per_question(f1, b, questions)  # (Q,)
     boot = np.random.default_rng(seed).choice(diff, size=(2000, len(diff))).mean(1)  # (2000,)
     return {
         "wins": wins,
