@@ -41,15 +41,27 @@ def embed(model: CausalLM, input_ids: Tensor) -> Tensor:
     return model.model.embed_tokens(input_ids)  # (B, T, d)
 
 
-def target_nll(model: CausalLM, h: Tensor, attention_mask: Tensor, labels: Tensor, start: int) -> Tensor:
-    """Mean next-token NLL per row (B,) on labelled positions, running layers start..n from h (B, T, d)."""
-    n_layers = len(model.model.layers)
-    h = model.model.norm(run_layers(model, h, attention_mask, start, n_layers))  # (B, T, d)
+def top_hidden(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+    """Layers start..n and the final norm on h (B, T, d): the states the LM head reads, (B, T, d)."""
+    return model.model.norm(run_layers(model, h, attention_mask, start, len(model.model.layers)))
+
+
+def row_mean(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """Mean of values (N,) per row index (N,) -> (n_rows,); rows without values get 0."""
+    total = torch.zeros(n_rows, dtype=values.dtype).index_add(0, rows, values)
+    return total / torch.bincount(rows, minlength=n_rows).clamp(min=1)
+
+
+def label_nll(model: CausalLM, out: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token NLL per row (B,) on labelled positions of top states out (B, T, d)."""
     targets = labels[:, 1:]  # (B, T-1)
     chosen = targets != IGNORE  # (B, T-1)
-    logits = model.lm_head(h[:, :-1][chosen])  # (N, V): the head only where there is a target
+    logits = model.lm_head(out[:, :-1][chosen])  # (N, V): the head only where there is a target
     token_nll = F.cross_entropy(logits.float(), targets[chosen], reduction="none")  # (N,)
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(targets)[chosen]  # (N,)
-    per_row = torch.zeros(labels.shape[0], dtype=token_nll.dtype).index_add(0, rows, token_nll)  # (B,)
-    counts = chosen.sum(1).clamp(min=1)  # (B,)
-    return per_row / counts
+    return row_mean(token_nll, rows, labels.shape[0])
+
+
+def target_nll(model: CausalLM, h: Tensor, attention_mask: Tensor, labels: Tensor, start: int) -> Tensor:
+    """Mean next-token NLL per row (B,) on labelled positions, running layers start..n from h (B, T, d)."""
+    return label_nll(model, top_hidden(model, h, attention_mask, start), labels)

@@ -1,7 +1,7 @@
 """Fit (learn the shared U, V, encoder) and fold-in (learn one document's x_d with everything shared frozen).
 
-Both minimise an objective over training examples made from documents. The examples (``EXAMPLE_BUILDERS``)
-and the objective (``Objective``) are pluggable. Layers below the lowest adapted one are run once per example
+Both minimise the answer NLL of training examples made from documents (``EXAMPLE_BUILDERS``); fold-in may add
+context distillation (``adapters.distill``). Layers below the lowest adapted one are run once per example
 and cached; each step runs only the adapted top of the network, and the LM head only where there are targets.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +23,12 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.adapter import PluginAdapter
 from adapters.corpus import Document
+from adapters.distill import SoftBatch, SoftTargets, soft_batch, soft_nll, teacher_targets
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
 from adapters.examples import EXAMPLE_BUILDERS, Example
-from adapters.forward import IGNORE, CausalLM, embed, run_layers, target_nll
+from adapters.forward import IGNORE, CausalLM, embed, label_nll, run_layers, target_nll, top_hidden
 from adapters.prompts import chat_prompt
-
-# (model, h at the first adapted layer (B, T, d), mask (B, T), labels (B, T), first adapted layer) -> loss (B,)
-Objective = Callable[[CausalLM, Tensor, Tensor, Tensor, int], Tensor]
 
 
 class FoldInConfig(Schema):
@@ -42,6 +40,7 @@ class FoldInConfig(Schema):
     l2: float = Field(1e-4, ge=0)
     max_len: int = Field(256, ge=8)
     micro_batch: int = Field(8, ge=1)
+    distill: float = Field(0.0, ge=0)  # weight of context distillation (adapters.distill); 0: answer NLL alone
 
 
 class FitConfig(Schema):
@@ -78,6 +77,7 @@ class _Encoded:
     doc: int  # index of the document the example was made from
     ids: Tensor  # (T,)
     labels: Tensor  # (T,)
+    soft: SoftTargets | None = None  # the teacher's, when fold-in distils
 
 
 def encode_examples(
@@ -170,7 +170,6 @@ def fold_in(
     tokenizer: PreTrainedTokenizerBase,
     documents: Sequence[str | Document],
     config: FoldInConfig,
-    objective: Objective = target_nll,
 ) -> list[FoldInResult]:
     """Plugins for documents, with U, V, A and the encoder frozen; they are folded in together, one row each.
 
@@ -191,19 +190,35 @@ def fold_in(
     examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
         raise InvalidInputError("the document yields no training examples")
+    if config.distill > 0:
+        for i, text in enumerate(texts):
+            mine = [e for e in examples if e.doc == i]
+            soft = teacher_targets(adapter, model, tokenizer, text, [e.ids for e in mine])
+            for e, targets in zip(mine, soft, strict=True):
+                e.soft = targets
     cache = _PrefixCache(model, examples, adapter.lowest_layer)
     counts = torch.bincount(torch.tensor([e.doc for e in examples]), minlength=len(texts)).clamp(min=1)  # (N,)
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
     # activations, and allocating it each step cost more time (page faults) than the arithmetic.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
-    batches = [(torch.tensor([examples[i].doc for i in c]), *cache.batch(c, examples)) for c in chunks]
+    batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = [
+        (
+            torch.tensor([examples[i].doc for i in c]),
+            *cache.batch(c, examples),
+            soft_batch([examples[i].soft for i in c], [len(examples[i].ids) for i in c]),
+        )
+        for c in chunks
+    ]
 
     def per_doc_loss(x: Tensor, backward: bool = False) -> Tensor:  # x (N, M, r) -> (N,), mean over examples
         total = torch.zeros(len(texts))
-        for doc_of, h, mask, labels in batches:
+        for doc_of, h, mask, labels, soft in batches:
             with adapter.use(x[doc_of]):
-                rows = objective(model, h, mask, labels, adapter.lowest_layer)  # (b,)
+                out = top_hidden(model, h, mask, adapter.lowest_layer)  # (b, T, d)
+            rows = label_nll(model, out, labels)  # (b,)
+            if soft is not None:
+                rows = rows + config.distill * soft_nll(model, out, soft)
             part = torch.zeros(len(texts)).index_add(0, doc_of, rows) / counts  # (N,)
             if backward:  # accumulate per chunk so that only one chunk's activations live at a time
                 part.sum().backward()
@@ -233,7 +248,6 @@ def fit(
     tokenizer: PreTrainedTokenizerBase,
     docs: Sequence[Document],
     config: FitConfig,
-    objective: Objective = target_nll,
     progress: bool = True,
 ) -> FitReport:
     """Learn U, V (and the encoder, or else a free x per fitting document) on docs; the base stays frozen."""
@@ -274,7 +288,7 @@ def fit(
                 unique, inverse = torch.unique(doc_ids, return_inverse=True)
                 z = _encode_docs(adapter, [feats[int(u)] for u in unique])[inverse]  # (B, M, r)
             with adapter.use(z):
-                nll = objective(model, h, mask, labels, adapter.lowest_layer).mean()
+                nll = target_nll(model, h, mask, labels, adapter.lowest_layer).mean()
             loss = nll + config.l2 * (z**2).sum(dim=(1, 2)).mean()
             opt.zero_grad()
             loss.backward()

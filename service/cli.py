@@ -221,7 +221,9 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         batch=args.batch,
         model=args.model,
         capacity_paragraphs=args.capacity_paragraphs,
-        fold_in=FoldInConfig(examples=args.fold_in_examples, steps=args.fold_in_steps, lr=args.fold_in_lr),
+        fold_in=FoldInConfig(
+            examples=args.fold_in_examples, steps=args.fold_in_steps, lr=args.fold_in_lr, distill=args.fold_in_distill
+        ),
         runs=parse_runs(args.runs),
     )
     print(markdown(eval_squad(options, args.out)))
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--fold-in-steps", type=int, default=None, help="gradient steps after the encoder (default 0)")
     squad.add_argument("--fold-in-examples", default="questions", help="examples for those steps: questions, cloze, lm")
     squad.add_argument("--fold-in-lr", type=float, default=0.1)
+    squad.add_argument(
+        "--fold-in-distill", type=float, default=0.0, help="weight of context distillation in those steps (default 0)"
+    )
     squad.add_argument("--runs", default=None, help="mode/retrieval subset: none/none,plugins/oracle,...")
     squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")
     squad.set_defaults(func=cmd_eval_squad)

@@ -325,7 +325,8 @@ def _fold_in_method(cfg: dict[str, Any]) -> str:
     fold, steps, encoder = cfg["fold_in"], cfg["fold_in_steps"], cfg["adapter_config"]["encoder"] is not None
     if steps == 0:
         return "encoder only"
-    return f"{'encoder + ' if encoder else ''}{steps} steps on {fold['examples']} examples, lr {fold['lr']}"
+    distill = f" + context distillation x{fold['distill']}" if fold.get("distill") else ""
+    return f"{'encoder + ' if encoder else ''}{steps} steps on {fold['examples']} examples{distill}, lr {fold['lr']}"
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -53,10 +53,19 @@ def test_fold_in_of_several_documents_equals_one_at_a_time(tiny: BaseModel, tiny
         assert abs(alone.loss - joint.loss) < 1e-3
 
 
-def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+@pytest.mark.parametrize("distill", [0.0, 1.0])
+def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(
+    tiny: BaseModel, tiny_adapter: PluginAdapter, distill: float
+) -> None:
     texts = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
     runs = [
-        fold_in(tiny_adapter, tiny.model, tiny.tokenizer, texts, FoldInConfig(steps=4, lr=0.2, micro_batch=size))
+        fold_in(
+            tiny_adapter,
+            tiny.model,
+            tiny.tokenizer,
+            texts,
+            FoldInConfig(steps=4, lr=0.2, micro_batch=size, distill=distill),
+        )
         for size in (1, 3, 1000)
     ]
     for other in runs[1:]:

@@ -1,0 +1,71 @@
+"""Context distillation: the teacher's targets line up with the student's tokens, and fold-in learns them."""
+
+from __future__ import annotations
+
+import torch
+
+from adapters.adapter import PluginAdapter
+from adapters.base_model import BaseModel
+from adapters.distill import question_prefix, soft_batch, soft_nll, teacher_targets
+from adapters.examples import Example
+from adapters.forward import embed, top_hidden
+from adapters.training import FoldInConfig, encode_examples, fold_in
+
+TEXT = "The Eiffel Tower in Paris was completed in 1889 by Gustave Eiffel for the World Fair."
+EXAMPLES = [
+    Example("The Eiffel Tower was completed in when?", "1889<|im_end|>"),
+    Example("Who built the tower in Paris?", "Gustave Eiffel<|im_end|>"),
+    Example("", TEXT, chat=False),
+]
+
+
+def _states(adapter: PluginAdapter, base: BaseModel, rows: list[torch.Tensor]) -> torch.Tensor:
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (B, T)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)  # (B, T)
+    with adapter.use(torch.zeros(len(rows), *adapter.plugin_shape)):
+        return top_hidden(base.model, embed(base.model, ids), mask, 0)  # (B, T, d)
+
+
+def test_teacher_targets_cover_the_question_and_answer_and_skip_raw_text(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
+) -> None:
+    encoded = encode_examples(tiny.tokenizer, 0, EXAMPLES, 256)
+    targets = teacher_targets(tiny_adapter, tiny.model, tiny.tokenizer, TEXT, [e.ids for e in encoded], k=8)
+    prefix = len(question_prefix(tiny.tokenizer))
+    for e, t in zip(encoded[:2], targets[:2], strict=True):
+        assert t is not None
+        assert t.ids.shape == t.probs.shape == (len(e.ids) - prefix, 8)
+        assert torch.allclose(t.probs.sum(-1), torch.ones(len(t.ids)))
+    assert targets[2] is None
+
+
+def test_soft_loss_is_smallest_for_the_teacher_itself(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    """Positions count from each row's end: on the teacher's own tokens the cross-entropy is the teacher's entropy,
+    its minimum; on the student's (no document) it is larger."""
+    encoded = encode_examples(tiny.tokenizer, 0, EXAMPLES[:2], 256)
+    targets = teacher_targets(tiny_adapter, tiny.model, tiny.tokenizer, TEXT, [e.ids for e in encoded], k=8)
+    n = len(question_prefix(tiny.tokenizer))
+    teacher = torch.tensor(question_prefix(tiny.tokenizer, TEXT))
+    teacher_rows = [torch.cat([teacher, e.ids[n:]]) for e in encoded]
+    student_rows = [e.ids for e in encoded]
+    entropy = torch.stack([-(t.probs * t.probs.log()).sum(-1).mean() for t in targets if t is not None])  # (2,)
+    with torch.no_grad():
+        for rows, tight in ((teacher_rows, True), (student_rows, False)):
+            soft = soft_batch(targets, [len(r) for r in rows])
+            assert soft is not None
+            ce = soft_nll(tiny.model, _states(tiny_adapter, tiny, rows), soft)  # (2,)
+            assert torch.allclose(ce, entropy, atol=1e-4) == tight
+            assert bool((ce >= entropy - 1e-4).all())
+
+
+def test_fold_in_with_distillation_lowers_its_loss_and_moves_the_plugin(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
+) -> None:
+    plain, distilled = (
+        fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=15, lr=0.3, distill=weight))[0]
+        for weight in (0.0, 1.0)
+    )
+    assert distilled.loss is not None and distilled.initial_loss is not None and plain.initial_loss is not None
+    assert distilled.loss < distilled.initial_loss - 0.05
+    assert distilled.initial_loss > plain.initial_loss  # the soft term is added to the answer NLL
+    assert float(abs(distilled.plugin - plain.plugin).max()) > 1e-3
