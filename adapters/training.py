@@ -300,3 +300,28 @@ def fit(
         for p in adapter.shared_parameters():
             p.requires_grad_(False)
     return FitReport(total, losses, time.perf_counter() - started)
+
+
+def answer_nll(
+    adapter: PluginAdapter,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    plugins: Tensor,
+    max_len: int = 256,
+    batch: int = 16,
+) -> Tensor:
+    """Mean answer NLL per example (n,) with example i under plugin plugins[i] (n, M, r): a probe of what a plugin
+    does to questions it was not trained on, without generating."""
+    encoded = [e for i, ex in enumerate(examples) for e in encode_examples(tokenizer, i, [ex], max_len)]
+    if len(encoded) != len(examples):
+        raise InvalidInputError("every probe example needs a prompt and a target")
+    cache = _PrefixCache(model, encoded, adapter.lowest_layer)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch):
+            idx = list(range(start, min(start + batch, len(encoded))))
+            h, mask, labels = cache.batch(idx, encoded)
+            with adapter.use(plugins[idx]):
+                out.append(target_nll(model, h, mask, labels, adapter.lowest_layer))
+    return torch.cat(out)

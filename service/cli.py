@@ -8,9 +8,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.errors import KplugError
+
+if TYPE_CHECKING:
+    from adapters.training import FoldInConfig
 
 log = logging.getLogger("kplug")
 SHARED_SQUAD = Path("../shared/data/squad-v1.1-dev-articles-00-35.json")
@@ -194,9 +197,43 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     _write_json(args.out, result)
 
 
+def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fold-in-steps", type=int, default=None, help="gradient steps after the encoder (default 0)")
+    parser.add_argument(
+        "--fold-in-examples", default="questions", help="examples for those steps: questions, cloze, lm"
+    )
+    parser.add_argument("--fold-in-lr", type=float, default=0.1)
+    parser.add_argument(
+        "--fold-in-distill", type=float, default=0.0, help="weight of context distillation in those steps (default 0)"
+    )
+
+
+def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
+    from adapters.training import FoldInConfig
+
+    return FoldInConfig(
+        examples=args.fold_in_examples, steps=args.fold_in_steps, lr=args.fold_in_lr, distill=args.fold_in_distill
+    )
+
+
+def cmd_eval_nll(args: argparse.Namespace) -> None:
+    from adapters.corpus import parse_range
+    from service.eval_nll import NllOptions, eval_nll
+
+    options = NllOptions(
+        data=args.data,
+        articles=parse_range(args.articles),
+        adapter=args.adapter,
+        fold_in=_fold_in_config(args),
+        max_paragraphs=args.max_paragraphs,
+        seed=args.seed,
+        model=args.model,
+    )
+    print(json.dumps(eval_nll(options, args.out), indent=2))
+
+
 def cmd_eval_squad(args: argparse.Namespace) -> None:
     from adapters.corpus import parse_range
-    from adapters.training import FoldInConfig
     from service.eval_squad import EvalOptions, eval_squad, markdown, parse_runs
 
     fit_articles, eval_articles = parse_range(args.fit_articles), parse_range(args.eval_articles)
@@ -221,9 +258,7 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         batch=args.batch,
         model=args.model,
         capacity_paragraphs=args.capacity_paragraphs,
-        fold_in=FoldInConfig(
-            examples=args.fold_in_examples, steps=args.fold_in_steps, lr=args.fold_in_lr, distill=args.fold_in_distill
-        ),
+        fold_in=_fold_in_config(args),
         runs=parse_runs(args.runs),
     )
     print(markdown(eval_squad(options, args.out)))
@@ -321,15 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--max-new-tokens", type=int, default=24)
     squad.add_argument("--batch", type=int, default=32)
     squad.add_argument("--capacity-paragraphs", type=int, default=12, help="0 skips the gold-question diagnostic")
-    squad.add_argument("--fold-in-steps", type=int, default=None, help="gradient steps after the encoder (default 0)")
-    squad.add_argument("--fold-in-examples", default="questions", help="examples for those steps: questions, cloze, lm")
-    squad.add_argument("--fold-in-lr", type=float, default=0.1)
-    squad.add_argument(
-        "--fold-in-distill", type=float, default=0.0, help="weight of context distillation in those steps (default 0)"
-    )
+    _add_fold_in_args(squad)
     squad.add_argument("--runs", default=None, help="mode/retrieval subset: none/none,plugins/oracle,...")
     squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")
     squad.set_defaults(func=cmd_eval_squad)
+    nll = evaluate.add_parser("nll", help="fast probe: gold-answer NLL under own, no and wrong plugins (validation)")
+    nll.add_argument("--data", type=Path, default=SHARED_SQUAD)
+    nll.add_argument("--articles", default="20-23", help="validation articles, never the evaluation ones")
+    nll.add_argument("--max-paragraphs", type=int, default=8)
+    nll.add_argument("--adapter", type=Path, default=Path("adapters/default"))
+    nll.add_argument("--model", default="smollm2")
+    nll.add_argument("--seed", type=int, default=0)
+    _add_fold_in_args(nll)
+    nll.add_argument("--out", type=Path, default=None)
+    nll.set_defaults(func=cmd_eval_nll)
     return parser
 
 

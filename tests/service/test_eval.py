@@ -98,3 +98,27 @@ def test_paired_comparison_counts_wins_and_losses_and_tests_them() -> None:
     assert 0 < low <= t["f1_diff"] <= high and abs(t["f1_diff"] - 8 / 12) < 1e-9
     same = paired(a, a, questions)
     assert (same["wins"], same["losses"], same["sign_test_p"], same["f1_diff"]) == (0, 0, 1.0, 0.0)
+
+
+def test_eval_nll_probe_scores_own_zero_and_wrong_plugins(tmp_path: Path) -> None:
+    """Plugins folded in on their paragraphs' own questions (the capacity diagnostic) must lower those answers'
+    NLL below no plugin and below another article's plugin."""
+    from service.eval_nll import NllOptions, eval_nll
+
+    _squad(tmp_path / "squad.json")
+    base = tiny_model()
+    PluginAdapter(base, AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1])).save(tmp_path / "adapter")
+    options = NllOptions(
+        data=tmp_path / "squad.json",
+        articles=[2, 3],
+        adapter=tmp_path / "adapter",
+        fold_in=FoldInConfig(examples="qa", steps=15, lr=0.3),
+        max_paragraphs=4,
+        model="tiny",
+    )
+    report = eval_nll(options, tmp_path / "nll.json")
+    assert json.loads((tmp_path / "nll.json").read_text()) == report
+    assert report["questions"] == 4 and report["paragraphs"] == 4
+    nll = report["nll"]
+    assert nll["own"] < nll["zero"] and nll["own"] < nll["wrong"]
+    assert report["own_below_wrong"] == 1.0
