@@ -6,6 +6,10 @@ renormalised) at every position of the question, the end of turn and the answer:
 carry what the document says, at some 40 positions per example instead of the 3 or so of an answer span. Soft
 targets are computed once per fold-in, one forward pass per example; the student's head is evaluated only on each
 position's K teacher tokens. Measured in the README's method notes ("context distillation").
+
+Self-study (after Cartridges, arXiv 2506.06266) makes training examples the same way: fixed seed prompts about
+the document's entities, answered greedily by the bare base model with the document in its prompt. The 135M
+model cannot write usable questions, but it can answer "Tell me about X." from a paragraph it reads.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from adapters.examples import ANSWER_END, Example, entities, spread
 from adapters.forward import CausalLM, embed, row_mean, top_hidden
+from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
 
 if TYPE_CHECKING:
     from adapters.adapter import PluginAdapter
 
 TOP_K = 32
+SEED_PROMPTS = ("What do you know about {}?", "Tell me about {}.")
 _MARK = "\x00"  # stands for the question while the chat template is split where the question starts
 
 
@@ -116,3 +123,22 @@ def soft_nll(model: CausalLM, out: Tensor, soft: SoftBatch) -> Tensor:
     logits = torch.einsum("nd,nkd->nk", states, model.lm_head.weight[soft.ids])  # (N, K)
     ce = -(soft.probs * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (N,)
     return row_mean(ce, soft.rows, out.shape[0])
+
+
+def self_study_examples(
+    adapter: PluginAdapter,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    document: str,
+    n: int,
+    new_tokens: int = 40,
+) -> list[Example]:
+    """Up to n examples: seed prompts about entities spread over the document, and the bare model's greedy answers
+    with the document in its prompt (the target the plugin must reproduce without it)."""
+    seeds = spread(entities(document), n)
+    queries = [SEED_PROMPTS[i % len(SEED_PROMPTS)].format(e) for i, e in enumerate(seeds)]
+    if not queries:
+        return []
+    prompts = [chat_prompt(tokenizer, q, [document]) for q in queries]
+    answers = greedy_generate(model, tokenizer, adapter, prompts, None, new_tokens, gate=torch.zeros(len(prompts)))
+    return [Example(q, a + ANSWER_END) for q, a in zip(queries, answers, strict=True) if a]

@@ -4,10 +4,13 @@ used for fold-in (registration) read its text alone."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from adapters.corpus import Document
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def wh_word(span: str) -> str:
     return "what"
 
 
-def question_examples(doc: Document, max_examples: int = 16) -> list[Example]:
+def question_examples(doc: Document) -> list[Example]:
     """Questions made by rule from the document's own sentences: an entity or number span becomes the answer,
     and the sentence is asked back with a question word in its place, in two phrasings. SQuAD-style questions
     are mostly such rephrasings, so these are the closest a 135M model gets to its real questions."""
@@ -90,10 +93,29 @@ def question_examples(doc: Document, max_examples: int = 16) -> list[Example]:
             in_place = f"{body[:start]}{wh}{body[end:]}?"
             fronted = f"{wh.capitalize()}: {body[:start]}___{body[end:]}?"
             out += [Example(in_place, span + ANSWER_END), Example(fronted, span + ANSWER_END)]
-    if len(out) > max_examples:  # an even spread over the document rather than its first sentences
-        step = len(out) / max_examples
-        out = [out[int(i * step)] for i in range(max_examples)]
     return out or cloze_examples(doc)
+
+
+def spread(items: Sequence[T], n: int | None) -> list[T]:
+    """At most n items evenly spread over the sequence (a document's examples follow its sentences)."""
+    if n is None or len(items) <= n:
+        return list(items)
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
+def entities(text: str) -> list[str]:
+    """The document's distinct entity and number spans, in order of first mention."""
+    seen: set[str] = set()
+    out = []
+    for sent in sentences(text):
+        body = sent.rstrip(".!? ")
+        for start, end in cloze_spans(body):
+            span = body[start:end]
+            if len(span) > 2 and span.lower() not in seen:
+                seen.add(span.lower())
+                out.append(span)
+    return out
 
 
 EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {

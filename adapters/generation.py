@@ -21,11 +21,13 @@ def greedy_generate(
     z: Tensor | None,
     max_new_tokens: int,
     stop_at_eos: bool = True,
+    gate: Tensor | None = None,
 ) -> list[str]:
-    """Greedy continuations of chat prompts; z (B, M, r) gives row b its own plugin composition (None: z = 0)."""
+    """Greedy continuations of chat prompts; z (B, M, r) gives row b its own plugin composition (None: z = 0),
+    gate (B,) scales each row's delta (0: the bare base model)."""
     tokenizer.padding_side = "left"
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad(), adapter.use(z) if adapter is not None else nullcontext():
+    with torch.no_grad(), adapter.use(z, gate) if adapter is not None else nullcontext():
         out = model.generate(
             **batch,
             max_new_tokens=max_new_tokens,

@@ -23,10 +23,10 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.adapter import PluginAdapter
 from adapters.corpus import Document
-from adapters.distill import SoftBatch, SoftTargets, soft_batch, soft_nll, teacher_targets
+from adapters.distill import SoftBatch, SoftTargets, self_study_examples, soft_batch, soft_nll, teacher_targets
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
-from adapters.examples import EXAMPLE_BUILDERS, Example
+from adapters.examples import EXAMPLE_BUILDERS, Example, spread
 from adapters.forward import IGNORE, CausalLM, embed, label_nll, run_layers, target_nll, top_hidden
 from adapters.prompts import chat_prompt
 
@@ -41,6 +41,8 @@ class FoldInConfig(Schema):
     max_len: int = Field(256, ge=8)
     micro_batch: int = Field(8, ge=1)
     distill: float = Field(0.0, ge=0)  # weight of context distillation (adapters.distill); 0: answer NLL alone
+    self_study: int = Field(0, ge=0)  # examples per document written by the model reading it (adapters.distill)
+    max_examples: int | None = Field(16, ge=1)  # per document, self-study included; None: all the builder makes
 
 
 class FitConfig(Schema):
@@ -164,6 +166,24 @@ def fold_in_steps(adapter: PluginAdapter, config: FoldInConfig) -> int:
     return 0 if adapter.encoder is not None else 30
 
 
+def fold_in_examples(
+    adapter: PluginAdapter,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[Document],
+    config: FoldInConfig,
+) -> list[list[Example]]:
+    """Each document's training examples: its self-study examples first, then the builder's, spread over the
+    document to fill the rest of max_examples."""
+    out = []
+    for doc, made in zip(docs, build_examples(config.examples, docs), strict=True):
+        n = config.self_study
+        studied = self_study_examples(adapter, model, tokenizer, doc.text, n) if n else []
+        room = None if config.max_examples is None else max(0, config.max_examples - len(studied))
+        out.append(studied + spread(made, room))
+    return out
+
+
 def fold_in(
     adapter: PluginAdapter,
     model: CausalLM,
@@ -186,7 +206,7 @@ def fold_in(
     if steps == 0:  # the amortised path: one encoder forward, nothing trained, no loss to report
         seconds = (time.perf_counter() - started) / len(texts)
         return [FoldInResult(x.float().numpy().copy(), None, None, seconds) for x in x0]
-    per_doc = build_examples(config.examples, docs)
+    per_doc = fold_in_examples(adapter, model, tokenizer, docs, config)
     examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
         raise InvalidInputError("the document yields no training examples")

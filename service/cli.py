@@ -206,13 +206,23 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fold-in-distill", type=float, default=0.0, help="weight of context distillation in those steps (default 0)"
     )
+    parser.add_argument(
+        "--fold-in-self-study",
+        type=int,
+        default=0,
+        help="examples per document the model writes reading it (default 0)",
+    )
 
 
 def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
     from adapters.training import FoldInConfig
 
     return FoldInConfig(
-        examples=args.fold_in_examples, steps=args.fold_in_steps, lr=args.fold_in_lr, distill=args.fold_in_distill
+        examples=args.fold_in_examples,
+        steps=args.fold_in_steps,
+        lr=args.fold_in_lr,
+        distill=args.fold_in_distill,
+        self_study=args.fold_in_self_study,
     )
 
 

@@ -236,7 +236,7 @@ class SquadEval:
         """Milestone zero: plugins trained on their own gold questions (frozen U, V) must answer them."""
         rt = self.runtime
         chosen = list(paragraphs[: self.o.capacity_paragraphs])
-        config = FoldInConfig(examples="qa", steps=60, lr=0.3, l2=0.0)
+        config = FoldInConfig(examples="qa", steps=60, lr=0.3, l2=0.0, max_examples=None)
         results = rt.engine.call(lambda: fold_in(rt.adapter, rt.base.model, rt.base.tokenizer, chosen, config)).result()
         for doc, res in zip(chosen, results, strict=True):
             rt.store.put(f"capacity:{doc.id}", doc.text, {}, rt.store.embedding(doc.id), res.plugin)
@@ -325,8 +325,9 @@ def _fold_in_method(cfg: dict[str, Any]) -> str:
     fold, steps, encoder = cfg["fold_in"], cfg["fold_in_steps"], cfg["adapter_config"]["encoder"] is not None
     if steps == 0:
         return "encoder only"
+    made = f"{fold['self_study']} self-study + {fold['examples']}" if fold.get("self_study") else fold["examples"]
     distill = f" + context distillation x{fold['distill']}" if fold.get("distill") else ""
-    return f"{'encoder + ' if encoder else ''}{steps} steps on {fold['examples']} examples{distill}, lr {fold['lr']}"
+    return f"{'encoder + ' if encoder else ''}{steps} steps on {made} examples{distill}, lr {fold['lr']}"
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -1,15 +1,19 @@
-"""Context distillation: the teacher's targets line up with the student's tokens, and fold-in learns them."""
+"""Context distillation and self-study: the teacher's targets line up with the student's tokens, fold-in learns
+them, and self-study examples are the bare model's answers about the document."""
 
 from __future__ import annotations
 
 import torch
 
-from adapters.adapter import PluginAdapter
-from adapters.base_model import BaseModel
-from adapters.distill import question_prefix, soft_batch, soft_nll, teacher_targets
-from adapters.examples import Example
+from adapters.adapter import AdapterConfig, PluginAdapter
+from adapters.base_model import BaseModel, load_base_model
+from adapters.corpus import Document
+from adapters.distill import question_prefix, self_study_examples, soft_batch, soft_nll, teacher_targets
+from adapters.examples import ANSWER_END, Example, question_examples
 from adapters.forward import embed, top_hidden
-from adapters.training import FoldInConfig, encode_examples, fold_in
+from adapters.generation import greedy_generate
+from adapters.prompts import chat_prompt
+from adapters.training import FoldInConfig, encode_examples, fold_in, fold_in_examples
 
 TEXT = "The Eiffel Tower in Paris was completed in 1889 by Gustave Eiffel for the World Fair."
 EXAMPLES = [
@@ -69,3 +73,31 @@ def test_fold_in_with_distillation_lowers_its_loss_and_moves_the_plugin(
     assert distilled.loss < distilled.initial_loss - 0.05
     assert distilled.initial_loss > plain.initial_loss  # the soft term is added to the answer NLL
     assert float(abs(distilled.plugin - plain.plugin).max()) > 1e-3
+
+
+def test_self_study_answers_are_the_bare_models_with_the_document_in_its_prompt() -> None:
+    base = load_base_model()  # the real model: the tiny one answers only whitespace
+    queries = ["What do you know about The Eiffel Tower in Paris?", "Tell me about Gustave Eiffel."]
+    prompts = [chat_prompt(base.tokenizer, q, [TEXT]) for q in queries]
+    bare = greedy_generate(base.model, base.tokenizer, None, prompts, None, 8)  # before any adapter is attached
+    adapter = PluginAdapter(base, AdapterConfig(rank=4, targets=["v", "o"], seed=3))
+    with torch.no_grad():  # a shared delta large enough to change every answer if it were applied
+        for m in adapter.plugin_modules:
+            m.V.normal_(0, 1.0)
+    assert greedy_generate(base.model, base.tokenizer, adapter, prompts, None, 8) != bare
+    made = self_study_examples(adapter, base.model, base.tokenizer, TEXT, 2, new_tokens=8)
+    assert [e.prompt for e in made] == queries
+    assert [e.target for e in made] == [a + ANSWER_END for a in bare] and all(bare)
+    config = FoldInConfig(self_study=2, max_examples=3)  # fold-in puts them first and fills up with the rules
+    [mixed] = fold_in_examples(adapter, base.model, base.tokenizer, [Document("d", TEXT)], config)
+    assert [e.prompt for e in mixed] == [*queries, question_examples(Document("d", TEXT))[0].prompt]
+
+
+def test_fold_in_examples_spread_the_builders_over_the_cap(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    doc = [Document("d", TEXT)]
+    rules = question_examples(doc[0])
+    assert len(rules) > 3
+    everything = fold_in_examples(tiny_adapter, tiny.model, tiny.tokenizer, doc, FoldInConfig(max_examples=None))
+    capped = fold_in_examples(tiny_adapter, tiny.model, tiny.tokenizer, doc, FoldInConfig(max_examples=3))
+    assert everything == [rules]
+    assert capped == [[rules[int(i * len(rules) / 3)] for i in range(3)]]
