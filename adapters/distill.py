@@ -7,8 +7,9 @@ carry what the document says, at some 40 positions per example instead of the 3 
 targets are computed once per fold-in, one forward pass per example; the student's head is evaluated only on each
 position's K teacher tokens. Measured in the README's method notes ("context distillation").
 
-Self-study (after Cartridges, arXiv 2506.06266) makes training examples the same way: fixed seed prompts about
-the document's entities, answered greedily by the bare base model with the document in its prompt. The 135M
+Self-study (after Cartridges, arXiv 2506.06266) writes training examples instead of soft targets: fixed seed
+prompts about the document's entities, answered greedily by the bare base model (gate 0: no shared U V, unlike the
+distillation teacher) with the document in its prompt. The 135M
 model cannot write usable questions, but it can answer "Tell me about X." from a paragraph it reads.
 """
 
