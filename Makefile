@@ -30,3 +30,5 @@ test: setup lint
 default-adapter: setup
 	$(VENV)/bin/kplug fit --data ../shared/data/squad-v1.1-dev-articles-00-35.json --articles 0-23 \
 		--out adapters/default --half
+	$(VENV)/bin/kplug fit-writer --data ../shared/data/squad-v1.1-dev-articles-00-35.json --articles 0-19 \
+		--adapter adapters/default --steps 120

@@ -26,6 +26,7 @@ from adapters.base_model import BaseModel, ModelIdentity
 from adapters.encoder import EncoderConfig, PluginEncoder
 from adapters.errors import CheckpointError
 from adapters.plugin import low_rank_delta, subspace
+from adapters.qgen import QuestionWriter
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter.json"
@@ -220,9 +221,11 @@ class PluginAdapter(nn.Module):
                     {k.removeprefix("encoder."): v.float() for k, v in tensors.items() if k.startswith("encoder.")}
                 )
         adapter.checkpoint_id = checkpoint_id(folder)
+        adapter.writer = QuestionWriter.load(folder, base.model)
         return adapter
 
     checkpoint_id: str | None = None
+    writer: QuestionWriter | None = None  # fold-in's question writer, when the checkpoint folder has one
 
 
 def read_checkpoint_meta(folder: Path) -> dict[str, Any]:

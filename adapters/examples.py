@@ -100,6 +100,8 @@ def spread(items: Sequence[T], n: int | None) -> list[T]:
     """At most n items evenly spread over the sequence (a document's examples follow its sentences)."""
     if n is None or len(items) <= n:
         return list(items)
+    if n == 0:
+        return []
     step = len(items) / n
     return [items[int(i * step)] for i in range(n)]
 

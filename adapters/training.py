@@ -29,6 +29,7 @@ from adapters.errors import InvalidInputError
 from adapters.examples import EXAMPLE_BUILDERS, Example, spread
 from adapters.forward import IGNORE, CausalLM, embed, label_nll, run_layers, target_nll, top_hidden
 from adapters.prompts import chat_prompt
+from adapters.qgen import written_examples
 
 
 class FoldInConfig(Schema):
@@ -42,7 +43,8 @@ class FoldInConfig(Schema):
     micro_batch: int = Field(8, ge=1)
     distill: float = Field(0.0, ge=0)  # weight of context distillation (adapters.distill); 0: answer NLL alone
     self_study: int = Field(0, ge=0)  # examples per document written by the model reading it (adapters.distill)
-    max_examples: int | None = Field(16, ge=1)  # per document, self-study included; None: all the builder makes
+    written: int = Field(0, ge=0)  # questions per document asked by the adapter's question writer (adapters.qgen)
+    max_examples: int | None = Field(16, ge=1)  # per document, all sources; None: all the builder makes
 
 
 class FitConfig(Schema):
@@ -173,14 +175,18 @@ def fold_in_examples(
     docs: Sequence[Document],
     config: FoldInConfig,
 ) -> list[list[Example]]:
-    """Each document's training examples: its self-study examples first, then the builder's, spread over the
-    document to fill the rest of max_examples."""
+    """Each document's training examples: its self-study examples and written questions first, then the builder's,
+    spread over the document to fill the rest of max_examples."""
+    if config.written and adapter.writer is None:
+        raise InvalidInputError("fold-in asks for written questions but the adapter has no question writer")
     out = []
     for doc, made in zip(docs, build_examples(config.examples, docs), strict=True):
         n = config.self_study
-        studied = self_study_examples(adapter, model, tokenizer, doc.text, n) if n else []
-        room = None if config.max_examples is None else max(0, config.max_examples - len(studied))
-        out.append(studied + spread(made, room))
+        first = self_study_examples(adapter, model, tokenizer, doc.text, n) if n else []
+        if config.written and adapter.writer is not None:
+            first += written_examples(adapter.writer, model, tokenizer, doc.text, config.written, adapter)
+        room = None if config.max_examples is None else max(0, config.max_examples - len(first))
+        out.append(first + spread(made, room))
     return out
 
 

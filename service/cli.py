@@ -65,6 +65,21 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(f"adapter {ckpt} written to {args.out} ({report.steps} steps, {report.seconds:.0f} s)")
 
 
+def cmd_fit_writer(args: argparse.Namespace) -> None:
+    from adapters.adapter import read_checkpoint_meta
+    from adapters.base_model import load_base_model
+    from adapters.corpus import load_corpus, parse_range
+    from adapters.qgen import fit_writer
+
+    read_checkpoint_meta(args.adapter)  # the writer lives beside an adapter: refuse a folder without one
+    base = load_base_model(args.model)
+    docs = load_corpus(args.data, parse_range(args.articles))
+    writer, losses = fit_writer(base.model, base.tokenizer, docs, args.steps, lr=args.lr, seed=args.seed)
+    writer.save(args.adapter)
+    tail = losses[-20:]
+    print(f"question writer written to {args.adapter} ({args.steps} steps, loss {sum(tail) / len(tail):.3f})")
+
+
 def cmd_bench_adapter(args: argparse.Namespace) -> None:
     from adapters.bench import bench_adapter
     from adapters.default import default_adapter_dir
@@ -212,6 +227,12 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="examples per document the model writes reading it (default 0)",
     )
+    parser.add_argument(
+        "--fold-in-written",
+        type=int,
+        default=0,
+        help="questions per document from the adapter's question writer (default 0)",
+    )
 
 
 def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
@@ -223,6 +244,7 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         lr=args.fold_in_lr,
         distill=args.fold_in_distill,
         self_study=args.fold_in_self_study,
+        written=args.fold_in_written,
     )
 
 
@@ -303,6 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--lr", type=float, default=2e-3)
     fit.add_argument("--half", action="store_true", help="store U, V and the encoder as float16 (half the size)")
     fit.set_defaults(func=cmd_fit)
+
+    writer = sub.add_parser("fit-writer", help="fit fold-in's question writer on a SQuAD corpus's gold questions")
+    writer.add_argument("--data", type=Path, default=SHARED_SQUAD)
+    writer.add_argument("--articles", default="0-19", help="SQuAD articles whose questions it learns from")
+    writer.add_argument("--adapter", type=Path, required=True, help="the adapter folder it is saved beside")
+    writer.add_argument("--model", default="smollm2")
+    writer.add_argument("--steps", type=int, default=120)
+    writer.add_argument("--lr", type=float, default=2e-3)
+    writer.add_argument("--seed", type=int, default=0)
+    writer.set_defaults(func=cmd_fit_writer)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=None, help="store, index and adapter (KPLUG_DATA_DIR)")

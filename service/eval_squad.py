@@ -325,7 +325,8 @@ def _fold_in_method(cfg: dict[str, Any]) -> str:
     fold, steps, encoder = cfg["fold_in"], cfg["fold_in_steps"], cfg["adapter_config"]["encoder"] is not None
     if steps == 0:
         return "encoder only"
-    made = f"{fold['self_study']} self-study + {fold['examples']}" if fold.get("self_study") else fold["examples"]
+    sources = [f"{fold[k]} {name}" for k, name in (("self_study", "self-study"), ("written", "written")) if fold.get(k)]
+    made = " + ".join([*sources, fold["examples"]])
     distill = f" + context distillation x{fold['distill']}" if fold.get("distill") else ""
     return f"{'encoder + ' if encoder else ''}{steps} steps on {made} examples{distill}, lr {fold['lr']}"
 

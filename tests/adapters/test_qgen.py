@@ -1,0 +1,84 @@
+"""The question writer: a LoRA present only while attached, fitted on gold questions, saved beside the adapter,
+and asked by fold-in for questions about a document's spans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.adapter import AdapterConfig, PluginAdapter
+from adapters.base_model import BaseModel, load_base_model, tiny_model
+from adapters.corpus import QA, Document
+from adapters.errors import InvalidInputError
+from adapters.examples import ANSWER_END, Example, spread
+from adapters.qgen import QuestionWriter, answer_spans, fit_writer, training_pairs, written_examples
+from adapters.training import FoldInConfig, fold_in_examples
+
+TEXT = "The old tower was finished in 1889 by local builders."
+QUESTION = "When was the tower finished?"
+DOC = Document("d", TEXT, questions=[QA("q", QUESTION, ("1889",)), QA("x", "Not in a sentence?", ("absent",))])
+
+
+def _logits(base: BaseModel) -> torch.Tensor:
+    ids = base.tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return base.model(input_ids=ids).logits
+
+
+def test_the_writer_changes_the_model_only_while_attached(tiny: BaseModel) -> None:
+    bare = _logits(tiny)
+    writer = QuestionWriter(tiny.model, rank=4)
+    with torch.no_grad():
+        for p in writer.up.values():
+            p.normal_(0, 0.5)
+    with writer.attached(tiny.model):
+        assert not torch.allclose(_logits(tiny), bare, atol=1e-4)
+    assert torch.equal(_logits(tiny), bare)
+
+
+def test_training_pairs_keep_questions_whose_answer_lies_in_a_sentence() -> None:
+    [pair] = training_pairs([DOC])
+    assert pair.prompt == f"Sentence: {TEXT}\nAnswer: 1889\nQuestion:"
+    assert pair.target == f" {QUESTION}{ANSWER_END}"
+
+
+def test_fold_in_refuses_written_questions_without_a_writer_and_loads_one_saved_beside_the_adapter(
+    tiny: BaseModel, tiny_adapter: PluginAdapter, tmp_path: Path
+) -> None:
+    config = FoldInConfig(written=2, max_examples=4)
+    with pytest.raises(InvalidInputError, match="no question writer"):
+        fold_in_examples(tiny_adapter, tiny.model, tiny.tokenizer, [DOC], config)
+    writer, losses = fit_writer(tiny.model, tiny.tokenizer, [DOC], steps=10, batch_size=2, lr=1e-2, progress=False)
+    assert losses[-1] < losses[0]
+    tiny_adapter.save(tmp_path)
+    writer.save(tmp_path)
+    fresh = tiny_model(seed=0)  # the same weights as tiny, without the adapter attached to it
+    loaded = PluginAdapter.load(tmp_path, fresh)
+    assert loaded.writer is not None
+    for side in ("down", "up"):
+        for key, value in getattr(writer, side).items():
+            assert torch.allclose(getattr(loaded.writer, side)[key], value, atol=1e-3)  # float16 on disk
+    assert PluginAdapter.load(tmp_path, tiny_model(seed=0)).writer is not None
+    (tmp_path / "qgen.safetensors").unlink()
+    assert PluginAdapter.load(tmp_path, tiny_model(seed=0)).writer is None
+
+
+def test_a_fitted_writer_asks_its_question_and_fold_in_puts_it_first() -> None:
+    base = load_base_model()  # the real model: the tiny one cannot fit a question in a few steps
+    adapter = PluginAdapter(base, AdapterConfig(rank=4, targets=["o"], seed=3))
+    writer, _ = fit_writer(base.model, base.tokenizer, [DOC], steps=12, batch_size=2, lr=1e-2, progress=False)
+    expected = Example(QUESTION, "1889" + ANSWER_END)
+    assert written_examples(writer, base.model, base.tokenizer, TEXT, 4, adapter) == [expected]
+    adapter.writer = writer
+    [made] = fold_in_examples(adapter, base.model, base.tokenizer, [DOC], FoldInConfig(written=1, max_examples=2))
+    assert made[0] == expected and len(made) == 2  # the written question first, the rules fill the cap
+
+
+def test_each_distinct_span_is_asked_about_once_and_an_empty_spread_is_empty() -> None:
+    text = "Gustave Eiffel built a tower in Paris. Years later he left Paris and moved to Lyon in 1901."
+    spans = answer_spans(text)
+    assert [span for _, span in spans] == ["Gustave Eiffel", "Paris", "Lyon", "1901"]
+    assert spans[1][0] == "Gustave Eiffel built a tower in Paris."  # the first mention's sentence
+    assert spread(spans, 0) == [] and spread(spans, 2) == [spans[0], spans[2]]
