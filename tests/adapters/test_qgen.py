@@ -68,7 +68,7 @@ def test_fold_in_refuses_written_questions_without_a_writer_and_loads_one_saved_
 def test_a_fitted_writer_asks_its_question_and_fold_in_puts_it_first() -> None:
     base = load_base_model()  # the real model: the tiny one cannot fit a question in a few steps
     adapter = PluginAdapter(base, AdapterConfig(rank=4, targets=["o"], seed=3))
-    writer, _ = fit_writer(base.model, base.tokenizer, [DOC], steps=12, batch_size=2, lr=1e-2, progress=False)
+    writer, _ = fit_writer(base.model, base.tokenizer, [DOC], steps=20, batch_size=2, lr=3e-3, progress=False)
     expected = Example(QUESTION, "1889" + ANSWER_END)
     assert written_examples(writer, base.model, base.tokenizer, TEXT, 4, adapter) == [expected]
     adapter.writer = writer
