@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from adapters.adapter import PluginAdapter
 from adapters.forward import CausalLM
+
+if TYPE_CHECKING:  # the adapter module loads the question writer, which generates with this
+    from adapters.adapter import PluginAdapter
 
 
 def greedy_generate(

@@ -1,4 +1,5 @@
-"""Fit (learn the shared U, V, encoder) and fold-in (learn one document's x_d with everything shared frozen).
+"""Fit (learn the shared U, V, encoder; and fold-in's question writer) and fold-in (learn one document's x_d with
+everything shared frozen).
 
 Both minimise the answer NLL of training examples made from documents (``EXAMPLE_BUILDERS``); fold-in may add
 context distillation (``adapters.distill``). Layers below the lowest adapted one are run once per example
@@ -29,7 +30,7 @@ from adapters.errors import InvalidInputError
 from adapters.examples import EXAMPLE_BUILDERS, Example, spread
 from adapters.forward import IGNORE, CausalLM, embed, label_nll, run_layers, target_nll, top_hidden
 from adapters.prompts import chat_prompt
-from adapters.qgen import written_examples
+from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
 
 class FoldInConfig(Schema):
@@ -326,6 +327,46 @@ def fit(
         for p in adapter.shared_parameters():
             p.requires_grad_(False)
     return FitReport(total, losses, time.perf_counter() - started)
+
+
+def fit_writer(
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[Document],
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[QuestionWriter, list[float]]:
+    """Fold-in's question writer (adapters.qgen), fitted by next-token loss on the gold questions of docs (mean
+    over question tokens); the base model stays frozen, and the whole network runs: the writer adapts every layer."""
+    pairs = training_pairs(docs)
+    random.Random(seed).shuffle(pairs)
+    examples = encode_examples(tokenizer, 0, pairs, max_len=1024)  # a sentence and a question: never truncated
+    writer = QuestionWriter(model, seed=seed)
+    params = [p.requires_grad_(True) for p in writer.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="question writer", disable=not progress)
+    with torch.enable_grad(), writer.attached(model):
+        for step in bar:
+            chunk = [examples[(step * batch_size + j) % len(examples)] for j in range(batch_size)]
+            ids, labels = _pad([e.ids for e in chunk], 0), _pad([e.labels for e in chunk], IGNORE)  # (B, T)
+            mask = _pad([torch.ones_like(e.ids) for e in chunk], 0)  # (B, T)
+            states = model.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d)
+            targets = labels[:, 1:]  # (B, T-1)
+            chosen = targets != IGNORE
+            logits = model.lm_head(states[:, :-1][chosen])  # (N, V): the head only on the questions' tokens
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[chosen])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    for p in params:
+        p.requires_grad_(False)
+    return writer, losses
 
 
 def answer_nll(

@@ -69,7 +69,7 @@ def cmd_fit_writer(args: argparse.Namespace) -> None:
     from adapters.adapter import read_checkpoint_meta
     from adapters.base_model import load_base_model
     from adapters.corpus import load_corpus, parse_range
-    from adapters.qgen import fit_writer
+    from adapters.training import fit_writer
 
     read_checkpoint_meta(args.adapter)  # the writer lives beside an adapter: refuse a folder without one
     base = load_base_model(args.model)

@@ -13,8 +13,8 @@ from adapters.base_model import BaseModel, load_base_model, tiny_model
 from adapters.corpus import QA, Document
 from adapters.errors import InvalidInputError
 from adapters.examples import ANSWER_END, Example, spread
-from adapters.qgen import QuestionWriter, answer_spans, fit_writer, training_pairs, written_examples
-from adapters.training import FoldInConfig, fold_in_examples
+from adapters.qgen import QuestionWriter, answer_spans, training_pairs, written_examples
+from adapters.training import FoldInConfig, fit_writer, fold_in_examples
 
 TEXT = "The old tower was finished in 1889 by local builders."
 QUESTION = "When was the tower finished?"
