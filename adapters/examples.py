@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from adapters.corpus import Document
+from adapters.prompts import user_message
 
 T = TypeVar("T")
 
@@ -38,6 +39,13 @@ def sentences(text: str) -> list[str]:
 def qa_examples(doc: Document) -> list[Example]:
     """The document's own questions with their first reference answer (fitting corpora only)."""
     return [Example(qa.question, qa.answers[0] + ANSWER_END) for qa in doc.questions if qa.answers]
+
+
+def reading_examples(doc: Document, with_context: int = 1) -> list[Example]:
+    """The document's questions closed-book, and the first one again with the document in the prompt as the
+    `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it."""
+    read = [Example(user_message(qa.question, [doc.text]), qa.answers[0] + ANSWER_END) for qa in doc.questions]
+    return qa_examples(doc) + [ex for ex, qa in zip(read, doc.questions, strict=True) if qa.answers][:with_context]
 
 
 def lm_examples(doc: Document) -> list[Example]:
@@ -122,6 +130,7 @@ def entities(text: str) -> list[str]:
 
 EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "qa": qa_examples,
+    "qa+reading": reading_examples,
     "lm": lm_examples,
     "cloze": cloze_examples,
     "questions": question_examples,

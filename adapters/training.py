@@ -109,14 +109,16 @@ class _PrefixCache:
 
     def __init__(self, model: CausalLM, examples: Sequence[_Encoded], start: int, batch: int = 16) -> None:
         self.start = start
-        self.states: list[Tensor] = []
+        self.states: list[Tensor] = [torch.empty(0)] * len(examples)
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # batches of similar length
         with torch.no_grad():
-            for i in range(0, len(examples), batch):
-                chunk = examples[i : i + batch]
-                ids = _pad([e.ids for e in chunk], 0)  # (B, T)
-                mask = _pad([torch.ones_like(e.ids) for e in chunk], 0)  # (B, T)
+            for i in range(0, len(order), batch):
+                chunk = order[i : i + batch]
+                ids = _pad([examples[j].ids for j in chunk], 0)  # (B, T)
+                mask = _pad([torch.ones_like(examples[j].ids) for j in chunk], 0)  # (B, T)
                 h = run_layers(model, embed(model, ids), mask, 0, start)  # (B, T, d)
-                self.states += [h[j, : len(e.ids)] for j, e in enumerate(chunk)]
+                for row, j in enumerate(chunk):
+                    self.states[j] = h[row, : len(examples[j].ids)]
 
     def batch(self, idx: Sequence[int], examples: Sequence[_Encoded]) -> tuple[Tensor, Tensor, Tensor]:
         h = _pad([self.states[i] for i in idx], 0.0)  # (B, T, d)
@@ -296,17 +298,15 @@ def fit(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     total = max(1, int(config.epochs * len(examples) / config.batch_size))
-    order: list[int] = []
+    queue: list[list[int]] = []
     losses: list[float] = []
     bar = tqdm(range(total), desc="fit", disable=not progress)
     adapter.train()
     try:
         for _ in bar:
-            if len(order) < config.batch_size:
-                fresh = list(range(len(examples)))
-                rng.shuffle(fresh)
-                order += fresh
-            idx, order = order[: config.batch_size], order[config.batch_size :]
+            if not queue:
+                queue = _length_grouped([len(e.ids) for e in examples], config.batch_size, rng)
+            idx = queue.pop()
             h, mask, labels = cache.batch(idx, examples)
             doc_ids = torch.tensor([examples[i].doc for i in idx])  # (B,)
             if free_x is not None:
@@ -327,6 +327,20 @@ def fit(
         for p in adapter.shared_parameters():
             p.requires_grad_(False)
     return FitReport(total, losses, time.perf_counter() - started)
+
+
+def _length_grouped(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches, shuffled, but sorted by length within windows of 50 batches (Hugging Face's
+    group_by_length): a batch mixing short questions with paragraph-long prompts would be mostly padding."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = 50 * batch_size
+    batches = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def fit_writer(

@@ -57,7 +57,12 @@ def cmd_fit(args: argparse.Namespace) -> None:
     )
     adapter = PluginAdapter(base, config)
     fit_config = FitConfig(
-        examples=args.examples, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+        examples=args.examples,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_len=args.max_len,
+        seed=args.seed,
     )
     report = fit(adapter, base.model, base.tokenizer, docs, fit_config)
     extra = {"fit": fit_config.model_dump(), "documents": len(docs), "data": str(args.data), "steps": report.steps}
@@ -312,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--articles", default="0-23", help="SQuAD articles to fit on, e.g. 0-23")
     fit.add_argument("--out", type=Path, required=True)
     fit.add_argument("--model", default="smollm2")
-    fit.add_argument("--examples", default="qa", help="training example builder: qa, questions, cloze, lm")
+    fit.add_argument(
+        "--examples", default="qa", help="training example builder: qa, qa+reading, questions, cloze, lm"
+    )
+    fit.add_argument("--max-len", type=int, default=256, help="tokens per example (prompt and answer)")
     fit.add_argument("--rank", type=int, default=128)
     fit.add_argument("--alpha", type=float, default=None)
     fit.add_argument("--seed", type=int, default=0)

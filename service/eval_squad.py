@@ -48,7 +48,10 @@ RUNS: list[tuple[Mode, str]] = [
     ("context", "retrieved"),
     ("combine", "oracle"),
     ("combine", "retrieved"),
+    ("plugins", "shared"),
+    ("combine", "retrieved-shared"),
 ]
+# "shared" runs apply the shared U, V with z = 0 (no plugin): what the plugins themselves add is the difference
 
 
 def parse_runs(spec: str | None) -> list[tuple[Mode, str]]:
@@ -202,6 +205,8 @@ class SquadEval:
             return [(q.doc.id, 1.0)]
         if retrieval == "wrong":
             return [(q.wrong, 1.0)]
+        if retrieval == "shared":
+            return []
         if retrieval.startswith("capacity"):
             return [(f"capacity:{q.doc.id}", 1.0)]
         return q.retrieved
@@ -214,6 +219,9 @@ class SquadEval:
             )
             for q in questions
         ]
+        if retrieval.endswith("shared"):
+            for p in prepared:
+                p.request.z = None  # the documents' text stays in the prompt; their plugins go
 
         async def generate_all() -> list[Any]:
             handles = [rt.submit(p) for p in prepared]
@@ -270,9 +278,14 @@ class SquadEval:
         }
         out["paired"] = {
             f"plugins/oracle vs {other}": paired(outputs["plugins/oracle"], outputs[other], questions)
-            for other in ("none/none", "plugins/wrong")
+            for other in ("none/none", "plugins/wrong", "plugins/shared")
             if "plugins/oracle" in outputs and other in outputs
         }
+        for other in ("context/retrieved", "combine/retrieved-shared"):  # do plugins add to classic RAG?
+            if "combine/retrieved" in outputs and other in outputs:
+                out["paired"][f"combine/retrieved vs {other}"] = paired(
+                    outputs["combine/retrieved"], outputs[other], questions
+                )
         if "plugins/oracle" in outputs and "none/none" in outputs:
             gain: dict[str, list[float]] = defaultdict(list)
             for q, with_plugin, without in zip(questions, outputs["plugins/oracle"], outputs["none/none"], strict=True):
@@ -358,8 +371,9 @@ def markdown(report: dict[str, Any]) -> str:
         )
     for key, t in report.get("paired", {}).items():
         low, high = t["f1_diff_ci95"]
+        first, second = key.split(" vs ")
         lines.append(
-            f"Paired, {key}: contained on {t['wins']} questions only with the plugin, {t['losses']} only without "
+            f"Paired, {key}: contained on {t['wins']} questions only by {first}, {t['losses']} only by {second} "
             f"(sign test p {t['sign_test_p']:.3f}); F1 difference {t['f1_diff']:+.3f} "
             f"(95% CI {low:+.3f} to {high:+.3f})."
         )

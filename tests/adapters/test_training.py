@@ -132,3 +132,33 @@ def test_checkpoint_for_another_base_model_is_refused(tmp_path: Path, tiny_adapt
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path, tiny: BaseModel) -> None:
     with pytest.raises(CheckpointError, match="no adapter checkpoint"):
         PluginAdapter.load(tmp_path, tiny)
+
+
+def test_reading_examples_ask_closed_book_and_with_the_document_as_combine_does() -> None:
+    from adapters.examples import ANSWER_END, reading_examples
+    from adapters.prompts import user_message
+
+    doc = Document("d", "The tower was built in 1889 by Eiffel.", questions=[
+        QA("1", "When was the tower built?", ("1889",)),
+        QA("2", "Who built the tower?", ("Eiffel",)),
+    ])  # fmt: skip
+    made = reading_examples(doc)
+    assert [(e.prompt, e.target) for e in made] == [
+        ("When was the tower built?", "1889" + ANSWER_END),
+        ("Who built the tower?", "Eiffel" + ANSWER_END),
+        (user_message("When was the tower built?", [doc.text]), "1889" + ANSWER_END),
+    ]
+
+
+def test_length_grouped_batches_cover_an_epoch_once_with_little_padding() -> None:
+    import random
+
+    from adapters.training import _length_grouped
+
+    lengths = [random.Random(i).choice([20, 400]) for i in range(1000)]
+    batches = _length_grouped(lengths, 32, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert all(1 <= len(b) <= 32 for b in batches)
+    mixed = sum(len({lengths[i] for i in b}) > 1 for b in batches)
+    assert mixed <= 20  # at most one batch per sorted window straddles the two lengths
+    assert batches != _length_grouped(lengths, 32, random.Random(1))  # shuffled, by seed

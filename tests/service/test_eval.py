@@ -61,7 +61,18 @@ def test_eval_squad_reports_every_run(tmp_path: Path) -> None:
     assert report["results"]["context/oracle"]["context_tokens"] > 5
     assert report["bytes_per_plugin"] == 4 * 4 * 4 and report["fold_in_seconds_per_doc"] > 0
     assert 0 <= report["retrieval_recall_at_k"] <= 1 and "plugin_nn_same_article" in report["similarity"]
-    assert set(report["paired"]) == {"plugins/oracle vs none/none", "plugins/oracle vs plugins/wrong"}
+    assert set(report["paired"]) == {
+        "plugins/oracle vs none/none",
+        "plugins/oracle vs plugins/wrong",
+        "plugins/oracle vs plugins/shared",
+        "combine/retrieved vs context/retrieved",
+        "combine/retrieved vs combine/retrieved-shared",
+    }
+    # V = 0 here, so the shared adapter without plugins is the bare model: "shared" runs must drop the plugins
+    scores = {k: (r["contained"], r["f1"]) for k, r in report["results"].items()}
+    assert scores["plugins/shared"] == scores["none/none"]
+    assert scores["combine/retrieved-shared"] == scores["context/retrieved"]
+    assert report["results"]["combine/retrieved-shared"]["context_tokens"] > 5
     assert report["config"]["paragraphs"] == 4 and report["config"]["eval_articles"] == "2-3"
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / "out" / f"squad{suffix}").stat().st_size > 100
