@@ -44,8 +44,10 @@ def qa_examples(doc: Document) -> list[Example]:
 def reading_examples(doc: Document, with_context: int = 1) -> list[Example]:
     """The document's questions closed-book, and the first one again with the document in the prompt as the
     `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it."""
-    read = [Example(user_message(qa.question, [doc.text]), qa.answers[0] + ANSWER_END) for qa in doc.questions]
-    return qa_examples(doc) + [ex for ex, qa in zip(read, doc.questions, strict=True) if qa.answers][:with_context]
+    read = [qa for qa in doc.questions if qa.answers][:with_context]
+    return qa_examples(doc) + [
+        Example(user_message(qa.question, [doc.text]), qa.answers[0] + ANSWER_END) for qa in read
+    ]
 
 
 def lm_examples(doc: Document) -> list[Example]:

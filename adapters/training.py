@@ -100,6 +100,10 @@ def encode_examples(
     return out
 
 
+def _by_length(examples: Sequence[_Encoded]) -> list[int]:
+    return sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+
+
 def _pad(rows: Sequence[Tensor], value: float | int) -> Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=value)
 
@@ -110,7 +114,7 @@ class _PrefixCache:
     def __init__(self, model: CausalLM, examples: Sequence[_Encoded], start: int, batch: int = 16) -> None:
         self.start = start
         self.states: list[Tensor] = [torch.empty(0)] * len(examples)
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # batches of similar length
+        order = _by_length(examples)  # batches of similar length: little padding
         with torch.no_grad():
             for i in range(0, len(order), batch):
                 chunk = order[i : i + batch]
@@ -229,7 +233,7 @@ def fold_in(
     counts = torch.bincount(torch.tensor([e.doc for e in examples]), minlength=len(texts)).clamp(min=1)  # (N,)
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
     # activations, and allocating it each step cost more time (page faults) than the arithmetic.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
+    order = _by_length(examples)
     chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
     batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = [
         (
@@ -298,6 +302,7 @@ def fit(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     total = max(1, int(config.epochs * len(examples) / config.batch_size))
+    lengths = [len(e.ids) for e in examples]
     queue: list[list[int]] = []
     losses: list[float] = []
     bar = tqdm(range(total), desc="fit", disable=not progress)
@@ -305,7 +310,7 @@ def fit(
     try:
         for _ in bar:
             if not queue:
-                queue = _length_grouped([len(e.ids) for e in examples], config.batch_size, rng)
+                queue = _length_grouped(lengths, config.batch_size, rng)
             idx = queue.pop()
             h, mask, labels = cache.batch(idx, examples)
             doc_ids = torch.tensor([examples[i].doc for i in idx])  # (B,)

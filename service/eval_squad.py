@@ -276,16 +276,12 @@ class SquadEval:
                 "chance": float(np.mean([(articles == a).sum() - 1 for a in articles]) / max(1, len(ids) - 1)),
             }
         }
+        # is the own plugin above no plugin, a wrong one, U, V alone; do plugins add to classic RAG?
+        pairs = [("plugins/oracle", b) for b in ("none/none", "plugins/wrong", "plugins/shared")]
+        pairs += [("combine/retrieved", b) for b in ("context/retrieved", "combine/retrieved-shared")]
         out["paired"] = {
-            f"plugins/oracle vs {other}": paired(outputs["plugins/oracle"], outputs[other], questions)
-            for other in ("none/none", "plugins/wrong", "plugins/shared")
-            if "plugins/oracle" in outputs and other in outputs
+            f"{a} vs {b}": paired(outputs[a], outputs[b], questions) for a, b in pairs if a in outputs and b in outputs
         }
-        for other in ("context/retrieved", "combine/retrieved-shared"):  # do plugins add to classic RAG?
-            if "combine/retrieved" in outputs and other in outputs:
-                out["paired"][f"combine/retrieved vs {other}"] = paired(
-                    outputs["combine/retrieved"], outputs[other], questions
-                )
         if "plugins/oracle" in outputs and "none/none" in outputs:
             gain: dict[str, list[float]] = defaultdict(list)
             for q, with_plugin, without in zip(questions, outputs["plugins/oracle"], outputs["none/none"], strict=True):
