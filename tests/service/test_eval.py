@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,17 @@ from adapters.corpus import QA, Document
 from adapters.encoder import EncoderConfig
 from adapters.errors import InvalidInputError
 from adapters.training import FoldInConfig
-from service.eval_squad import RUNS, EvalOptions, Question, eval_squad, paired, parse_runs, sample_paragraphs
+from service.eval_squad import (
+    RUNS,
+    EvalOptions,
+    Question,
+    SquadEval,
+    eval_squad,
+    paired,
+    parse_runs,
+    sample_paragraphs,
+)
+from service.runtime import Runtime
 
 
 def _squad(path: Path) -> None:
@@ -34,8 +45,23 @@ def _squad(path: Path) -> None:
     path.write_text(json.dumps({"version": "1.1", "data": articles}))
 
 
-def test_eval_squad_reports_every_run(tmp_path: Path) -> None:
+def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _squad(tmp_path / "squad.json")
+    # which runs send a composition to the engine: scores on the tiny model cannot tell (they are all 0)
+    run_, submit = SquadEval._run, Runtime.submit
+    current: list[str] = []
+    has_z: dict[str, set[bool]] = {}
+
+    def record_run(self: SquadEval, mode: Any, retrieval: str, questions: Any) -> Any:
+        current[:] = [f"{mode}/{retrieval}"]
+        return run_(self, mode, retrieval, questions)
+
+    def record_submit(self: Runtime, prepared: Any) -> Any:
+        has_z.setdefault(current[0], set()).add(prepared.request.z is not None)
+        return submit(self, prepared)
+
+    monkeypatch.setattr(SquadEval, "_run", record_run)
+    monkeypatch.setattr(Runtime, "submit", record_submit)
     base = tiny_model()
     config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=16))
     PluginAdapter(base, config).save(tmp_path / "adapter")
@@ -73,6 +99,8 @@ def test_eval_squad_reports_every_run(tmp_path: Path) -> None:
     assert scores["plugins/shared"] == scores["none/none"]
     assert scores["combine/retrieved-shared"] == scores["context/retrieved"]
     assert report["results"]["combine/retrieved-shared"]["context_tokens"] > 5
+    assert has_z["plugins/oracle"] == has_z["combine/retrieved"] == has_z["plugins/wrong"] == {True}
+    assert has_z["plugins/shared"] == has_z["combine/retrieved-shared"] == {False}
     assert report["config"]["paragraphs"] == 4 and report["config"]["eval_articles"] == "2-3"
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / "out" / f"squad{suffix}").stat().st_size > 100
