@@ -128,7 +128,8 @@ class SquadEval:
         )
         self.runtime = Runtime(settings, Metrics())
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The report, and every question with each run's answer (for reading the answers, not scoring them)."""
         o, rt = self.o, self.runtime
         docs = load_squad(o.data, sorted(set(o.eval_articles)))
         paragraphs = sample_paragraphs(docs, o.eval_articles, o.max_paragraphs, o.seed)
@@ -149,7 +150,18 @@ class SquadEval:
             analysis = self._analysis(paragraphs, questions, outputs)
         finally:
             rt.close()
-        return {
+        answers = [
+            {
+                "id": q.qa.id,
+                "paragraph": q.doc.id,
+                "question": q.qa.question,
+                "references": list(q.qa.answers),
+                "retrieved": [doc_id for doc_id, _ in q.retrieved],
+                "outputs": {key: texts[i] for key, texts in outputs.items()},
+            }
+            for i, q in enumerate(questions)
+        ]
+        report = {
             "results": results,
             "retrieval_recall_at_k": recall,
             "fold_in_seconds_per_doc": fold_s,
@@ -175,6 +187,7 @@ class SquadEval:
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },
         }
+        return report, answers
 
     def _register(self, paragraphs: Sequence[Document]) -> float:
         """Through the registrar, as POST /documents does; returns fold-in seconds per paragraph."""
@@ -402,10 +415,12 @@ def bar_chart(report: dict[str, Any], path: Path) -> None:
 
 def eval_squad(options: EvalOptions, out: Path | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kplug-eval-") as workdir:
-        report = SquadEval(options, Path(workdir)).run()
+        report, answers = SquadEval(options, Path(workdir)).run()
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown(report))
         bar_chart(report, out.with_suffix(".png"))
+        with out.with_suffix(".answers.jsonl").open("w") as f:
+            f.writelines(json.dumps(a) + "\n" for a in answers)
     return report

@@ -13,6 +13,7 @@ from adapters.base_model import tiny_model
 from adapters.corpus import QA, Document
 from adapters.encoder import EncoderConfig
 from adapters.errors import InvalidInputError
+from adapters.metrics import f1
 from adapters.training import FoldInConfig
 from service.eval_squad import (
     RUNS,
@@ -104,6 +105,13 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
     assert report["config"]["paragraphs"] == 4 and report["config"]["eval_articles"] == "2-3"
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / "out" / f"squad{suffix}").stat().st_size > 100
+    answers = [json.loads(line) for line in (tmp_path / "out" / "squad.answers.jsonl").read_text().splitlines()]
+    assert len(answers) == report["config"]["questions"] == 4
+    assert all(a["id"][0] in "23" and a["references"] and len(a["retrieved"]) == 3 for a in answers)
+    assert all(set(a["outputs"]) == {f"{m}/{r}" for m, r in RUNS} for a in answers)
+    for key in answers[0]["outputs"]:  # the answers written are the ones scored
+        f1s = [f1(a["outputs"][key], a["references"]) for a in answers]
+        assert abs(sum(f1s) / len(f1s) - report["results"][key]["f1"]) < 1e-9, key
 
 
 def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
