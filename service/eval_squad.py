@@ -30,8 +30,9 @@ import numpy as np
 
 from adapters.corpus import QA, Document, load_squad
 from adapters.errors import InvalidInputError
-from adapters.metrics import contained, exact_match, f1
-from adapters.training import FoldInConfig, fold_in, fold_in_steps
+from adapters.examples import ANSWER_END, spread
+from adapters.metrics import contained, exact_match, f1, normalize_answer
+from adapters.training import FoldInConfig, build_examples, fold_in, fold_in_steps
 from service.metrics import Metrics
 from service.protocol import Mode
 from service.runtime import Runtime
@@ -148,6 +149,7 @@ class SquadEval:
             if o.capacity_paragraphs:
                 results["capacity/oracle"], results["none/capacity-subset"] = self._capacity(paragraphs, questions)
             analysis = self._analysis(paragraphs, questions, outputs)
+            analysis.update(self._coverage(paragraphs, questions, outputs))
         finally:
             rt.close()
         answers = [
@@ -309,6 +311,27 @@ class SquadEval:
             }
         return out
 
+    def _coverage(
+        self, paragraphs: Sequence[Document], questions: Sequence[Question], outputs: dict[str, list[str]]
+    ) -> dict[str, Any]:
+        """Is fold-in limited by what its examples ask or by how far plugins generalise? The share of questions whose
+        reference answer is the target of one of its paragraph's made examples (the builder's, as fold-in spreads
+        them; written and self-study examples not counted), and plugins/oracle's contained rate on both parts."""
+        fold = self.runtime.settings.fold_in
+        if fold_in_steps(self.runtime.adapter, fold) == 0:
+            return {}
+        targets = {
+            doc.id: {normalize_answer(e.target.removesuffix(ANSWER_END)) for e in spread(made, fold.max_examples)}
+            for doc, made in zip(paragraphs, build_examples(fold.examples, paragraphs), strict=True)
+        }
+        covered = np.array([bool({normalize_answer(a) for a in q.qa.answers} & targets[q.doc.id]) for q in questions])
+        out: dict[str, Any] = {"examples": fold.examples, "questions_covered": float(covered.mean())}
+        if "plugins/oracle" in outputs:
+            got = _per_question(contained, outputs["plugins/oracle"], questions)
+            for name, part in (("covered", covered), ("uncovered", ~covered)):
+                out[f"plugins/oracle contained, {name}"] = float(got[part].mean()) if part.any() else None
+        return {"coverage": out}
+
 
 def paired(a: Sequence[str], b: Sequence[str], questions: Sequence[Question], seed: int = 0) -> dict[str, Any]:
     """Is run a above run b on the same questions? Milestone one asks "clearly above", so the report says how clearly:
@@ -377,6 +400,13 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"Uniqueness: correlation of |x_d| with the plugin's F1 gain on its paragraph's questions: "
             f"Pearson {_fmt(u['pearson_norm_vs_f1_gain'])}, Spearman {_fmt(u['spearman_norm_vs_f1_gain'])}."
+        )
+    if "coverage" in report:
+        c = report["coverage"]
+        parts = ", ".join(f"{k} {_fmt(v)}" for k, v in c.items() if k.startswith("plugins/"))
+        lines.append(
+            f"Coverage: the reference answer is the target of one of its paragraph's {c['examples']} fold-in examples "
+            f"for {c['questions_covered']:.3f} of the questions" + (f"; {parts}." if parts else ".")
         )
     for key, t in report.get("paired", {}).items():
         low, high = t["f1_diff_ci95"]

@@ -114,6 +114,37 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
         assert abs(sum(f1s) / len(f1s) - report["results"][key]["f1"]) < 1e-9, key
 
 
+def test_coverage_says_which_questions_the_fold_in_examples_ask(tmp_path: Path) -> None:
+    """Each tiny paragraph's sentence has two number spans, "town N" first and the answer (the year) second: with
+    every example the year is a target, with only the first example it is not."""
+    _squad(tmp_path / "squad.json")
+    config = AdapterConfig(rank=4, targets=["o"], layers=[-1])
+    PluginAdapter(tiny_model(), config).save(tmp_path / "adapter")
+
+    def coverage(max_examples: int) -> dict[str, Any]:
+        fold = FoldInConfig(steps=1, max_examples=max_examples)
+        options = EvalOptions(
+            data=tmp_path / "squad.json",
+            fit_articles=[0, 1],
+            eval_articles=[2, 3],
+            adapter=tmp_path / "adapter",
+            max_paragraphs=3,
+            max_new_tokens=2,
+            model="tiny",
+            capacity_paragraphs=0,
+            fold_in=fold,
+            runs=[("plugins", "oracle")],
+        )
+        return eval_squad(options, None)["coverage"]
+
+    every, first = coverage(16), coverage(1)
+    assert every["examples"] == "questions" and every["questions_covered"] == 1.0
+    assert (
+        every["plugins/oracle contained, uncovered"] is None and every["plugins/oracle contained, covered"] is not None
+    )
+    assert first["questions_covered"] == 0.0 and first["plugins/oracle contained, covered"] is None
+
+
 def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
     _squad(tmp_path / "squad.json")
     from adapters.corpus import load_squad
