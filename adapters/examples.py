@@ -4,7 +4,6 @@ used for fold-in (registration) read its text alone."""
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -42,31 +41,13 @@ def qa_examples(doc: Document) -> list[Example]:
     return [Example(qa.question, qa.answers[0] + ANSWER_END) for qa in doc.questions if qa.answers]
 
 
-def reading_examples(doc: Document, contexts: Sequence[str] | None = None) -> list[Example]:
-    """The document's questions closed-book, and the first one again with `contexts` (by default the document
-    alone) in the prompt as the `combine` mode asks it, so that U, V fitted on them answer from a context too
-    instead of overriding it."""
-    read = [qa for qa in doc.questions if qa.answers][:1]
-    shown = [doc.text] if contexts is None else list(contexts)
-    return qa_examples(doc) + [Example(user_message(qa.question, shown), qa.answers[0] + ANSWER_END) for qa in read]
-
-
-def retrieval_reading_examples(docs: Sequence[Document], k: int = 3) -> list[list[Example]]:
-    """`reading_examples` with each document shown among k - 1 neighbouring paragraphs of its article, at a
-    position that rotates from document to document: top-k retrieval gives `combine` such a mix, and U, V fitted
-    with the paragraph alone never learn to find the answer in one paragraph of several."""
-    by_article: dict[int, list[Document]] = defaultdict(list)
-    for doc in docs:
-        by_article[doc.article].append(doc)
-    out = []
-    for i, doc in enumerate(docs):
-        article = by_article[doc.article]
-        j = article.index(doc)
-        others = sorted((d for d in article if d is not doc), key=lambda d: abs(article.index(d) - j))[: k - 1]
-        shown = [d.text for d in others]
-        shown.insert(i % (len(others) + 1), doc.text)
-        out.append(reading_examples(doc, shown))
-    return out
+def reading_examples(doc: Document, with_context: int = 1) -> list[Example]:
+    """The document's questions closed-book, and the first one again with the document in the prompt as the
+    `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it."""
+    read = [qa for qa in doc.questions if qa.answers][:with_context]
+    return qa_examples(doc) + [
+        Example(user_message(qa.question, [doc.text]), qa.answers[0] + ANSWER_END) for qa in read
+    ]
 
 
 def lm_examples(doc: Document) -> list[Example]:
@@ -155,8 +136,4 @@ EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "lm": lm_examples,
     "cloze": cloze_examples,
     "questions": question_examples,
-}
-# Builders that read the whole corpus (fit only): a document's examples show other documents too.
-CORPUS_BUILDERS: dict[str, Callable[[Sequence[Document]], list[list[Example]]]] = {
-    "qa+reading3": retrieval_reading_examples,
 }

@@ -27,7 +27,7 @@ from adapters.corpus import Document
 from adapters.distill import SoftBatch, SoftTargets, self_study_examples, soft_batch, soft_nll, teacher_targets
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
-from adapters.examples import CORPUS_BUILDERS, EXAMPLE_BUILDERS, Example, spread
+from adapters.examples import EXAMPLE_BUILDERS, Example, spread
 from adapters.forward import IGNORE, CausalLM, embed, label_nll, run_layers, target_nll, top_hidden
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
@@ -153,11 +153,8 @@ def _encode_docs(adapter: PluginAdapter, feats: Sequence[Tensor]) -> Tensor:
 
 
 def build_examples(name: str, docs: Sequence[Document]) -> list[list[Example]]:
-    if name in CORPUS_BUILDERS:
-        return CORPUS_BUILDERS[name](docs)
     if name not in EXAMPLE_BUILDERS:
-        known = sorted([*EXAMPLE_BUILDERS, *CORPUS_BUILDERS])
-        raise InvalidInputError(f"unknown example builder {name!r}; known: {known}")
+        raise InvalidInputError(f"unknown example builder {name!r}; known: {sorted(EXAMPLE_BUILDERS)}")
     return [EXAMPLE_BUILDERS[name](doc) for doc in docs]
 
 

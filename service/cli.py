@@ -317,9 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--articles", default="0-23", help="SQuAD articles to fit on, e.g. 0-23")
     fit.add_argument("--out", type=Path, required=True)
     fit.add_argument("--model", default="smollm2")
-    fit.add_argument(
-        "--examples", default="qa", help="training example builder: qa, qa+reading, qa+reading3, questions, cloze, lm"
-    )
+    fit.add_argument("--examples", default="qa", help="training example builder: qa, qa+reading, questions, cloze, lm")
     fit.add_argument("--max-len", type=int, default=256, help="tokens per example (prompt and answer)")
     fit.add_argument("--rank", type=int, default=128)
     fit.add_argument("--alpha", type=float, default=None)

@@ -150,29 +150,6 @@ def test_reading_examples_ask_closed_book_and_with_the_document_as_combine_does(
     ]
 
 
-def test_retrieval_reading_examples_hide_the_document_among_its_articles_neighbours() -> None:
-    from adapters.examples import reading_examples, retrieval_reading_examples
-    from adapters.prompts import user_message
-    from adapters.training import build_examples
-
-    docs = [
-        Document(f"{a}-{p}", f"Paragraph {p} of article {a}.", {"article": a}, [QA(f"{a}{p}", f"Q{a}{p}?", ("A",))])
-        for a in range(2)
-        for p in range(4)
-    ]
-    made = retrieval_reading_examples(docs)
-    assert build_examples("qa+reading3", docs) == made
-    positions = []
-    for doc, (closed, read) in zip(docs, made, strict=True):
-        assert closed == reading_examples(doc)[0]
-        shown = sorted((d.text for d in docs if d.text in read.prompt), key=read.prompt.index)
-        assert read.prompt == user_message(doc.questions[0].question, shown) and read.target == closed.target
-        assert len(shown) == 3 and doc.text in shown
-        assert all(f"article {doc.article}." in text for text in shown)  # neighbours from its own article
-        positions.append(shown.index(doc.text))
-    assert set(positions) == {0, 1, 2}  # the answer is not always in the first paragraph
-
-
 def test_length_grouped_batches_cover_an_epoch_once_with_little_padding() -> None:
     import random
 
