@@ -28,7 +28,7 @@ test: setup lint
 
 # Rebuild the shipped default adapter (seeded; see README, "Method").
 default-adapter: setup
-	$(VENV)/bin/kplug fit --data ../shared/data/squad-v1.1-dev-articles-00-35.json --articles 0-23 --examples qa+reading --max-len 512 \
-		--out adapters/default --half
+	$(VENV)/bin/kplug fit --data ../shared/data/squad-v1.1-dev-articles-00-35.json --articles 0-23 \
+		--examples qa+reading --max-len 512 --out adapters/default --half
 	$(VENV)/bin/kplug fit-writer --data ../shared/data/squad-v1.1-dev-articles-00-35.json --articles 0-19 \
 		--adapter adapters/default --steps 120

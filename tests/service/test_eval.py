@@ -46,6 +46,19 @@ def _squad(path: Path) -> None:
     path.write_text(json.dumps({"version": "1.1", "data": articles}))
 
 
+def _options(tmp_path: Path, **overrides: Any) -> EvalOptions:
+    """The tiny benchmark: `_squad`'s articles 0-1 to fit, 2-3 to evaluate, the adapter saved in tmp_path."""
+    defaults: dict[str, Any] = {"fold_in": FoldInConfig()}
+    return EvalOptions(
+        data=tmp_path / "squad.json",
+        fit_articles=[0, 1],
+        eval_articles=[2, 3],
+        adapter=tmp_path / "adapter",
+        model="tiny",
+        **(defaults | overrides),
+    )
+
+
 def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _squad(tmp_path / "squad.json")
     # which runs send a composition to the engine: scores on the tiny model cannot tell (they are all 0)
@@ -66,18 +79,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
     base = tiny_model()
     config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=16))
     PluginAdapter(base, config).save(tmp_path / "adapter")
-    options = EvalOptions(
-        data=tmp_path / "squad.json",
-        fit_articles=[0, 1],
-        eval_articles=[2, 3],
-        adapter=tmp_path / "adapter",
-        max_paragraphs=4,
-        max_new_tokens=4,
-        batch=4,
-        model="tiny",
-        capacity_paragraphs=2,
-        fold_in=FoldInConfig(),
-    )
+    options = _options(tmp_path, max_paragraphs=4, max_new_tokens=4, batch=4, capacity_paragraphs=2)
     report = eval_squad(options, tmp_path / "out" / "squad.json")
     expected = {f"{m}/{r}" for m, r in RUNS} | {"capacity/oracle", "none/capacity-subset"}
     assert set(report["results"]) == expected
@@ -123,18 +125,8 @@ def test_coverage_says_which_questions_the_fold_in_examples_ask(tmp_path: Path) 
 
     def coverage(max_examples: int) -> dict[str, Any]:
         fold = FoldInConfig(steps=1, max_examples=max_examples)
-        options = EvalOptions(
-            data=tmp_path / "squad.json",
-            fit_articles=[0, 1],
-            eval_articles=[2, 3],
-            adapter=tmp_path / "adapter",
-            max_paragraphs=3,
-            max_new_tokens=2,
-            model="tiny",
-            capacity_paragraphs=0,
-            fold_in=fold,
-            runs=[("plugins", "oracle")],
-        )
+        runs = [("plugins", "oracle")]
+        options = _options(tmp_path, max_paragraphs=3, max_new_tokens=2, capacity_paragraphs=0, fold_in=fold, runs=runs)
         return eval_squad(options, None)["coverage"]
 
     every, first = coverage(16), coverage(1)
