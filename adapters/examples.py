@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 from adapters.corpus import Document
@@ -42,8 +43,8 @@ def qa_examples(doc: Document) -> list[Example]:
 
 
 def reading_examples(doc: Document, with_context: int = 1) -> list[Example]:
-    """The document's questions closed-book, and the first one again with the document in the prompt as the
-    `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it."""
+    """The document's questions closed-book, and the first with_context again with the document in the prompt as
+    the `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it."""
     read = [qa for qa in doc.questions if qa.answers][:with_context]
     return qa_examples(doc) + [
         Example(user_message(qa.question, [doc.text]), qa.answers[0] + ANSWER_END) for qa in read
@@ -133,6 +134,7 @@ def entities(text: str) -> list[str]:
 EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "qa": qa_examples,
     "qa+reading": reading_examples,
+    "qa+reading-3": partial(reading_examples, with_context=3),
     "lm": lm_examples,
     "cloze": cloze_examples,
     "questions": question_examples,

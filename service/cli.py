@@ -55,7 +55,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
         layers=None if args.layers == "all" else parse_range(args.layers),
         encoder=None if args.no_encoder else EncoderConfig(layer=args.encoder_layer),
     )
-    adapter = PluginAdapter(base, config)
+    # --init continues fitting a saved adapter (its own shape; the shape options are ignored)
+    adapter = PluginAdapter.load(args.init, base) if args.init else PluginAdapter(base, config)
     fit_config = FitConfig(
         examples=args.examples,
         epochs=args.epochs,
@@ -66,6 +67,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     )
     report = fit(adapter, base.model, base.tokenizer, docs, fit_config)
     extra = {"fit": fit_config.model_dump(), "documents": len(docs), "data": str(args.data), "steps": report.steps}
+    if args.init:
+        extra["init"] = {"folder": str(args.init), "checkpoint": adapter.checkpoint_id}
     ckpt = adapter.save(args.out, extra, half=args.half)
     print(f"adapter {ckpt} written to {args.out} ({report.steps} steps, {report.seconds:.0f} s)")
 
@@ -317,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--articles", default="0-23", help="SQuAD articles to fit on, e.g. 0-23")
     fit.add_argument("--out", type=Path, required=True)
     fit.add_argument("--model", default="smollm2")
-    fit.add_argument("--examples", default="qa", help="training example builder: qa, qa+reading, questions, cloze, lm")
+    fit.add_argument(
+        "--examples", default="qa", help="training example builder: qa, qa+reading, qa+reading-3, questions, cloze, lm"
+    )
+    fit.add_argument("--init", type=Path, default=None, help="continue fitting this saved adapter")
     fit.add_argument("--max-len", type=int, default=256, help="tokens per example (prompt and answer)")
     fit.add_argument("--rank", type=int, default=128)
     fit.add_argument("--alpha", type=float, default=None)

@@ -14,7 +14,7 @@ from adapters.encoder import EncoderConfig
 from adapters.errors import CheckpointError, InvalidInputError
 from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
-from adapters.training import FitConfig, FoldInConfig, fit, fold_in
+from adapters.training import FitConfig, FoldInConfig, build_examples, fit, fold_in
 
 TEXT = "The Eiffel Tower in Paris was completed in 1889 by Gustave Eiffel for the World Fair."
 
@@ -148,6 +148,8 @@ def test_reading_examples_ask_closed_book_and_with_the_document_as_combine_does(
         ("Who built the tower?", "Eiffel" + ANSWER_END),
         (user_message("When was the tower built?", [doc.text]), "1889" + ANSWER_END),
     ]
+    [three] = build_examples("qa+reading-3", [doc])  # every question (up to 3) read again with the document
+    assert [e.prompt for e in three[2:]] == [user_message(qa.question, [doc.text]) for qa in doc.questions]
 
 
 def test_length_grouped_batches_cover_an_epoch_once_with_little_padding() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from adapters.adapter import AdapterConfig, PluginAdapter
 from adapters.base_model import tiny_model
@@ -192,3 +193,23 @@ def test_eval_nll_probe_scores_own_zero_and_wrong_plugins(tmp_path: Path) -> Non
     nll = report["nll"]
     assert nll["own"] < nll["zero"] and nll["own"] < nll["wrong"]
     assert report["own_below_wrong"] == 1.0
+
+
+def test_fit_init_continues_a_saved_adapter(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from adapters.adapter import checkpoint_id
+    from service.cli import main
+
+    _squad(tmp_path / "squad.json")
+    fit = ["fit", "--data", str(tmp_path / "squad.json"), "--articles", "0-1", "--model", "tiny", "--rank", "4",
+           "--layers", "0-1", "--encoder-layer", "1", "--epochs", "1", "--batch-size", "2"]  # fmt: skip
+    assert main([*fit, "--out", str(tmp_path / "a"), "--seed", "1"]) == 0
+    # a tiny learning rate: continuing stays next to the saved weights; a fresh fit (other seed) does not
+    assert main([*fit, "--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--lr", "1e-9"]) == 0
+    assert main([*fit, "--out", str(tmp_path / "c"), "--lr", "1e-9"]) == 0
+    a, b, c = (load_file(str(tmp_path / f / "adapter.safetensors")) for f in "abc")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    meta = json.loads((tmp_path / "b" / "adapter.json").read_text())
+    assert meta["extra"]["init"]["checkpoint"] == checkpoint_id(tmp_path / "a")
