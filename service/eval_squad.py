@@ -150,6 +150,9 @@ class SquadEval:
                 results["capacity/oracle"], results["none/capacity-subset"] = self._capacity(paragraphs, questions)
             analysis = self._analysis(paragraphs, questions, outputs)
             analysis.update(self._coverage(paragraphs, questions, outputs))
+            texts = {d.id: d.text for d in paragraphs}
+            reading = [k for k in outputs if k.split("/")[0] in ("context", "combine") and "retrieved" in k]
+            analysis["answer_sources"] = {k: answer_sources(outputs[k], questions, texts) for k in reading}
         finally:
             rt.close()
         answers = [
@@ -333,6 +336,25 @@ class SquadEval:
         return {"coverage": out}
 
 
+def answer_sources(outputs: Sequence[str], questions: Sequence[Question], texts: dict[str, str]) -> dict[str, float]:
+    """Where a reading run's answers come from: shares of questions answered right (contained), and of the rest,
+    answers that are a span of the question's own paragraph, a span of another retrieved paragraph only (the
+    distractors were read instead), or neither (paraphrased, partial or made up). Normalised text throughout."""
+    norm = {doc_id: normalize_answer(text) for doc_id, text in texts.items()}
+    counts = dict.fromkeys(("right", "own paragraph", "other retrieved paragraph", "neither"), 0)
+    for out, q in zip(outputs, questions, strict=True):
+        answer = normalize_answer(out)
+        if contained(out, q.qa.answers):
+            counts["right"] += 1
+        elif answer and answer in norm[q.doc.id]:
+            counts["own paragraph"] += 1
+        elif answer and any(answer in norm[i] for i, _ in q.retrieved if i != q.doc.id and i in norm):
+            counts["other retrieved paragraph"] += 1
+        else:
+            counts["neither"] += 1
+    return {k: v / max(1, len(questions)) for k, v in counts.items()}
+
+
 def paired(a: Sequence[str], b: Sequence[str], questions: Sequence[Question], seed: int = 0) -> dict[str, Any]:
     """Is run a above run b on the same questions? Milestone one asks "clearly above", so the report says how clearly:
     questions only a (wins) or only b (losses) contains, an exact two-sided sign test on them, and a paired
@@ -408,6 +430,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"Coverage: the reference answer is the target of one of its paragraph's {c['examples']} fold-in examples "
             f"for {c['questions_covered']:.3f} of the questions" + (f"; {parts}." if parts else ".")
         )
+    for key, shares in report.get("answer_sources", {}).items():
+        lines.append(f"Answer sources, {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()) + ".")
     for key, t in report.get("paired", {}).items():
         low, high = t["f1_diff_ci95"]
         first, second = key.split(" vs ")

@@ -21,6 +21,7 @@ from service.eval_squad import (
     EvalOptions,
     Question,
     SquadEval,
+    answer_sources,
     eval_squad,
     paired,
     parse_runs,
@@ -105,6 +106,9 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
     assert report["results"]["combine/retrieved-shared"]["context_tokens"] > 5
     assert has_z["plugins/oracle"] == has_z["combine/retrieved"] == has_z["plugins/wrong"] == {True}
     assert has_z["plugins/shared"] == has_z["combine/retrieved-shared"] == {False}
+    sources = report["answer_sources"]  # reading runs with retrieval only
+    assert set(sources) == {"context/retrieved", "combine/retrieved", "combine/retrieved-shared"}
+    assert all(abs(sum(shares.values()) - 1) < 1e-9 for shares in sources.values())
     assert report["config"]["paragraphs"] == 4 and report["config"]["eval_articles"] == "2-3"
     for suffix in (".json", ".md", ".png"):
         assert (tmp_path / "out" / f"squad{suffix}").stat().st_size > 100
@@ -155,6 +159,15 @@ def test_runs_subset_is_parsed_in_benchmark_order_and_unknown_runs_are_refused()
     for bad in ("plugins/nowhere", "", "context"):
         with pytest.raises(InvalidInputError):
             parse_runs(bad)
+
+
+def test_answer_sources_tell_own_paragraph_from_distractors() -> None:
+    texts = {"own": "The tower was built in 1889 by Eiffel.", "other": "The bridge was built in 1932 by Bradfield."}
+    q = Question(Document("own", texts["own"]), QA("1", "When was the tower built?", ("1889",)), [], "other")
+    q.retrieved.extend([("own", 0.9), ("other", 0.8)])
+    outputs = ["In 1889.", "Eiffel", "1932", "The tower is tall", ""]
+    shares = answer_sources(outputs, [q] * len(outputs), texts)
+    assert shares == {"right": 0.2, "own paragraph": 0.2, "other retrieved paragraph": 0.2, "neither": 0.4}
 
 
 def test_paired_comparison_counts_wins_and_losses_and_tests_them() -> None:
