@@ -348,7 +348,7 @@ def answer_sources(outputs: Sequence[str], questions: Sequence[Question], texts:
             counts["right"] += 1
         elif answer and answer in norm[q.doc.id]:
             counts["own paragraph"] += 1
-        elif answer and any(answer in norm[i] for i, _ in q.retrieved if i != q.doc.id and i in norm):
+        elif answer and any(answer in norm[i] for i, _ in q.retrieved if i != q.doc.id):
             counts["other retrieved paragraph"] += 1
         else:
             counts["neither"] += 1
