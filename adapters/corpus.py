@@ -15,6 +15,7 @@ class QA:
     id: str
     question: str
     answers: tuple[str, ...]
+    contexts: tuple[str, ...] = ()  # fitting only: the paragraphs retrieval gives this question (index.retrieval)
 
 
 @dataclass

@@ -43,11 +43,13 @@ def qa_examples(doc: Document) -> list[Example]:
 
 
 def reading_examples(doc: Document, with_context: int = 1) -> list[Example]:
-    """The document's questions closed-book, and the first with_context again with the document in the prompt as
-    the `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it."""
+    """The document's questions closed-book, and the first with_context again with a context in the prompt as
+    the `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it.
+    The context is the question's retrieved paragraphs where the fit attached them (`kplug fit --retrieve`), so
+    the reader learns to pick its answer among distractors; else the document alone."""
     read = [qa for qa in doc.questions if qa.answers][:with_context]
     return qa_examples(doc) + [
-        Example(user_message(qa.question, [doc.text]), qa.answers[0] + ANSWER_END) for qa in read
+        Example(user_message(qa.question, qa.contexts or [doc.text]), qa.answers[0] + ANSWER_END) for qa in read
     ]
 
 
@@ -134,6 +136,7 @@ def entities(text: str) -> list[str]:
 EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "qa": qa_examples,
     "qa+reading": reading_examples,
+    "qa+reading-2": partial(reading_examples, with_context=2),
     "qa+reading-3": partial(reading_examples, with_context=3),
     "lm": lm_examples,
     "cloze": cloze_examples,

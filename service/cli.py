@@ -47,6 +47,11 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
     base = load_base_model(args.model)
     docs = load_corpus(args.data, parse_range(args.articles) if args.articles else None)
+    if args.retrieve:
+        from index.embedder import Embedder
+        from index.retrieval import with_retrieved_contexts
+
+        docs = with_retrieved_contexts(docs, Embedder(), args.retrieve)
     config = AdapterConfig(
         rank=args.rank,
         alpha=args.alpha if args.alpha else float(args.rank),
@@ -67,6 +72,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     )
     report = fit(adapter, base.model, base.tokenizer, docs, fit_config)
     extra = {"fit": fit_config.model_dump(), "documents": len(docs), "data": str(args.data), "steps": report.steps}
+    if args.retrieve:
+        extra["retrieve"] = args.retrieve
     if args.init:
         extra["init"] = {"folder": str(args.init), "checkpoint": adapter.checkpoint_id}
     ckpt = adapter.save(args.out, extra, half=args.half)
@@ -325,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--init", type=Path, default=None, help="continue fitting this saved adapter")
     fit.add_argument("--max-len", type=int, default=256, help="tokens per example (prompt and answer)")
+    fit.add_argument(
+        "--retrieve",
+        type=int,
+        default=0,
+        help="reading examples show the top-K fitting paragraphs retrieved for the question, as combine does",
+    )
     fit.add_argument("--rank", type=int, default=128)
     fit.add_argument("--alpha", type=float, default=None)
     fit.add_argument("--seed", type=int, default=0)
