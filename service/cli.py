@@ -279,6 +279,18 @@ def cmd_eval_nll(args: argparse.Namespace) -> None:
     print(json.dumps(eval_nll(options, args.out), indent=2))
 
 
+def cmd_eval_compare(args: argparse.Namespace) -> None:
+    from service.eval_squad import compare_answers
+
+    def run(spec: str) -> tuple[Path, str]:
+        path, sep, name = spec.rpartition(":")
+        if not sep or not path or not name:
+            raise KplugError(f"expected FILE.answers.jsonl:MODE/RETRIEVAL, got {spec!r}")
+        return Path(path), name
+
+    print(json.dumps(compare_answers(run(args.a), run(args.b)), indent=2))
+
+
 def cmd_eval_squad(args: argparse.Namespace) -> None:
     from adapters.corpus import parse_range
     from service.eval_squad import EvalOptions, eval_squad, markdown, parse_runs
@@ -427,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--runs", default=None, help="mode/retrieval subset: none/none,plugins/oracle,...")
     squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")
     squad.set_defaults(func=cmd_eval_squad)
+    compare = evaluate.add_parser("compare", help="two runs of eval squad paired on the same questions")
+    compare.add_argument("a", help="FILE.answers.jsonl:MODE/RETRIEVAL, e.g. runs/x.answers.jsonl:combine/retrieved")
+    compare.add_argument("b", help="the run to compare against, the same way")
+    compare.set_defaults(func=cmd_eval_compare)
     nll = evaluate.add_parser("nll", help="fast probe: gold-answer NLL under own, no and wrong plugins (validation)")
     nll.add_argument("--data", type=Path, default=SHARED_SQUAD)
     nll.add_argument("--articles", default="20-23", help="validation articles, never the evaluation ones")

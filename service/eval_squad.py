@@ -374,6 +374,37 @@ def paired(a: Sequence[str], b: Sequence[str], questions: Sequence[Question], se
     }
 
 
+def _answers(path: Path, run: str) -> dict[str, tuple[Question, str]]:
+    """One run's answers from a FILE.answers.jsonl that `kplug eval squad --out FILE` wrote, by question id."""
+    out = {}
+    try:
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if run not in row["outputs"]:
+                raise InvalidInputError(f"{path} has no run {run!r}; it has {sorted(row['outputs'])}")
+            qa = QA(row["id"], row["question"], tuple(row["references"]))
+            out[row["id"]] = (Question(Document(row["paragraph"], ""), qa, [], ""), row["outputs"][run])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"{path} is not an answers file of kplug eval squad: {exc}") from exc
+    return out
+
+
+def compare_answers(a: tuple[Path, str], b: tuple[Path, str]) -> dict[str, Any]:
+    """Two runs, possibly of two evaluations (two adapters), paired on the same questions."""
+    first, second = _answers(*a), _answers(*b)
+    if first.keys() != second.keys():
+        raise InvalidInputError("the two runs answered different questions: compare runs of the same sample")
+    ids = sorted(first)
+    questions = [first[i][0] for i in ids]
+    outputs_a, outputs_b = [first[i][1] for i in ids], [second[i][1] for i in ids]
+    return {
+        "a": {"file": str(a[0]), "run": a[1], **_score(outputs_a, questions)},
+        "b": {"file": str(b[0]), "run": b[1], **_score(outputs_b, questions)},
+        "n": len(ids),
+        **paired(outputs_a, outputs_b, questions),
+    }
+
+
 def _ranks(v: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(v)).astype(float)
 

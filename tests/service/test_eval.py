@@ -22,6 +22,7 @@ from service.eval_squad import (
     Question,
     SquadEval,
     answer_sources,
+    compare_answers,
     eval_squad,
     paired,
     parse_runs,
@@ -182,6 +183,32 @@ def test_paired_comparison_counts_wins_and_losses_and_tests_them() -> None:
     assert 0 < low <= t["f1_diff"] <= high and abs(t["f1_diff"] - 8 / 12) < 1e-9
     same = paired(a, a, questions)
     assert (same["wins"], same["losses"], same["sign_test_p"], same["f1_diff"]) == (0, 0, 1.0, 0.0)
+
+
+def test_compare_pairs_runs_of_two_answer_files_by_question(tmp_path: Path) -> None:
+    def write(name: str, runs: dict[str, list[str]], ids: range = range(12)) -> Path:
+        rows = [
+            {"id": f"q{i}", "paragraph": "p", "question": "When?", "references": ["1889"], "retrieved": [],
+             "outputs": {run: outs[i] for run, outs in runs.items()}}
+            for i in ids
+        ]  # fmt: skip
+        path = tmp_path / f"{name}.answers.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in (reversed(rows) if name == "b" else rows)))
+        return path
+
+    a = write("a", {"combine/retrieved": ["1889"] * 10 + ["no", "no"]})
+    b = write("b", {"context/retrieved": ["no"] * 10 + ["1889", "1889"], "none/none": ["no"] * 12})  # other order
+    t = compare_answers((a, "combine/retrieved"), (b, "context/retrieved"))
+    assert (t["wins"], t["losses"], t["n"]) == (10, 2, 12)
+    assert t["a"]["contained"] == 10 / 12 and t["b"]["contained"] == 2 / 12
+    with pytest.raises(InvalidInputError, match="no run 'combine/oracle'"):
+        compare_answers((a, "combine/oracle"), (b, "none/none"))
+    short = write("c", {"none/none": ["no"] * 12}, range(6))
+    with pytest.raises(InvalidInputError, match="different questions"):
+        compare_answers((a, "combine/retrieved"), (short, "none/none"))
+    (tmp_path / "bad.jsonl").write_text("{not json")
+    with pytest.raises(InvalidInputError, match="not an answers file"):
+        compare_answers((a, "combine/retrieved"), (tmp_path / "bad.jsonl", "none/none"))
 
 
 def test_eval_nll_probe_scores_own_zero_and_wrong_plugins(tmp_path: Path) -> None:
