@@ -42,13 +42,14 @@ def qa_examples(doc: Document) -> list[Example]:
     return [Example(qa.question, qa.answers[0] + ANSWER_END) for qa in doc.questions if qa.answers]
 
 
-def reading_examples(doc: Document, with_context: int = 1) -> list[Example]:
+def reading_examples(doc: Document, with_context: int = 1, closed_book: bool = True) -> list[Example]:
     """The document's questions closed-book, and the first with_context again with a context in the prompt as
     the `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it.
     The context is the question's retrieved paragraphs where the fit attached them (`kplug fit --retrieve`), so
-    the reader learns to pick its answer among distractors; else the document alone."""
+    the reader learns to pick its answer among distractors; else the document alone. Without closed_book, only
+    the reading questions: a reader not also taught to answer with nothing to read."""
     read = [qa for qa in doc.questions if qa.answers][:with_context]
-    return qa_examples(doc) + [
+    return (qa_examples(doc) if closed_book else []) + [
         Example(user_message(qa.question, qa.contexts or [doc.text]), qa.answers[0] + ANSWER_END) for qa in read
     ]
 
@@ -136,6 +137,7 @@ def entities(text: str) -> list[str]:
 EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "qa": qa_examples,
     "qa+reading": reading_examples,
+    "reading": partial(reading_examples, closed_book=False),
     "qa+reading-2": partial(reading_examples, with_context=2),
     "qa+reading-3": partial(reading_examples, with_context=3),
     "lm": lm_examples,

@@ -150,6 +150,8 @@ def test_reading_examples_ask_closed_book_and_with_the_document_as_combine_does(
     ]
     [three] = build_examples("qa+reading-3", [doc])  # every question (up to 3) read again with the document
     assert [e.prompt for e in three[2:]] == [user_message(qa.question, [doc.text]) for qa in doc.questions]
+    [only] = build_examples("reading", [doc])  # the reading question alone, nothing closed-book
+    assert [(e.prompt, e.target) for e in only] == [(made[2].prompt, made[2].target)]
 
 
 def test_length_grouped_batches_cover_an_epoch_once_with_little_padding() -> None:
