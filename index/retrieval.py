@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from adapters.corpus import QA, Document
+from adapters.errors import InvalidInputError
 from index.vectors import VectorIndex
 
 
@@ -20,6 +21,8 @@ def with_retrieved_contexts(docs: Sequence[Document], embedder: TextEmbedder, k:
     """The documents with each question's top-k documents (by the embedder, in score order, as the query path
     ranks them) attached as its contexts. Where retrieval misses the question's own document, it replaces the
     k-th: a fitting example must be answerable from its prompt."""
+    if k < 1:
+        raise InvalidInputError(f"retrieve at least one paragraph per question, not {k}")
     vectors = embedder.embed([d.text for d in docs])  # (N, d)
     index = VectorIndex(vectors.shape[1], kind="flat")
     index.build(np.arange(len(docs)), vectors)

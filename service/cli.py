@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--retrieve",
         type=int,
         default=0,
-        help="reading examples show the top-K fitting paragraphs retrieved for the question, as combine does",
+        help="reading examples (qa+reading*, reading) show the question's top-K retrieved fitting paragraphs, "
+        "as combine does; 0: its own paragraph alone",
     )
     fit.add_argument("--rank", type=int, default=128)
     fit.add_argument("--alpha", type=float, default=None)

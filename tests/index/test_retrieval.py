@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 
 from adapters.corpus import QA, Document
+from adapters.errors import InvalidInputError
 from adapters.examples import reading_examples
 from adapters.prompts import user_message
 from index.retrieval import with_retrieved_contexts
@@ -59,3 +61,8 @@ def test_reading_examples_show_the_attached_contexts() -> None:
     made = reading_examples(doc)
     assert made[-1].prompt == user_message(doc.questions[0].question, doc.questions[0].contexts)
     assert made[-1].prompt.count("\n\n") >= 2  # two paragraphs and the question
+
+
+def test_no_paragraphs_to_retrieve_is_a_clear_error() -> None:
+    with pytest.raises(InvalidInputError, match="at least one"):
+        with_retrieved_contexts(_docs(), WordEmbedder(), k=-1)
