@@ -12,7 +12,6 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +55,10 @@ class FitConfig(Schema):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     x_lr: float = Field(0.05, gt=0)  # free per-document x, when the adapter has no encoder
+    # Text-only builder whose examples alone train each fitting document's free x, as fold-in will; the
+    # `examples` (gold questions) then train U, V to read that x and never move it. None: all examples train x.
+    store: str | None = None
+    store_examples: int | None = Field(16, ge=1)  # per document, spread over it as fold-in does
     l2: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_len: int = Field(256, ge=8)
@@ -75,6 +78,7 @@ class FitReport:
     steps: int
     losses: list[float]
     seconds: float
+    plugins: np.ndarray | None = None  # (N, M, r) the fitting documents' free x; None with an encoder
 
 
 @dataclass
@@ -291,16 +295,26 @@ def fit(
     examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
         raise InvalidInputError(f"no {config.examples!r} training examples in the fitting corpus")
+    n_read = len(examples)  # with a store builder, examples from n_read on are the ones that write x
+    if config.store is not None:
+        if adapter.encoder is not None:
+            raise InvalidInputError("fit with a store builder learns a free x per document: fit without an encoder")
+        text_only = [Document(d.id, d.text) for d in docs]  # what fold-in sees: no questions
+        for i, exs in enumerate(build_examples(config.store, text_only)):
+            examples += encode_examples(tokenizer, i, spread(exs, config.store_examples), config.max_len)
     cache = _PrefixCache(model, examples, adapter.lowest_layer)
     feats = _doc_features(adapter, model, tokenizer, [d.text for d in docs])
     free_x = None
-    groups: list[dict[str, Any]] = [{"params": adapter.shared_parameters(), "lr": config.lr}]
+    opts: list[torch.optim.Optimizer] = []
     if adapter.encoder is None:
-        free_x = torch.zeros(len(docs), *adapter.plugin_shape, requires_grad=True)
-        groups.append({"params": [free_x], "lr": config.x_lr})
+        # one row per document, updated lazily: a document's x moves only on steps that see its examples, as
+        # fold-in's does, instead of drifting on the momentum of steps that did not
+        free_x = torch.nn.Embedding(len(docs), int(np.prod(adapter.plugin_shape)), sparse=True)
+        torch.nn.init.zeros_(free_x.weight)
+        opts.append(torch.optim.SparseAdam(free_x.parameters(), lr=config.x_lr))
     for p in adapter.shared_parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    opts.append(torch.optim.AdamW(adapter.shared_parameters(), lr=config.lr, weight_decay=config.weight_decay))
     total = max(1, int(config.epochs * len(examples) / config.batch_size))
     lengths = [len(e.ids) for e in examples]
     queue: list[list[int]] = []
@@ -315,23 +329,29 @@ def fit(
             h, mask, labels = cache.batch(idx, examples)
             doc_ids = torch.tensor([examples[i].doc for i in idx])  # (B,)
             if free_x is not None:
-                z = free_x[doc_ids]  # (B, M, r)
+                z = free_x(doc_ids).view(len(idx), *adapter.plugin_shape)  # (B, M, r)
+                if config.store is not None:  # only the store examples write x; the others read it
+                    writes = torch.tensor([i >= n_read for i in idx])[:, None, None]  # (B, 1, 1)
+                    z = torch.where(writes, z, z.detach())
             else:
                 unique, inverse = torch.unique(doc_ids, return_inverse=True)
                 z = _encode_docs(adapter, [feats[int(u)] for u in unique])[inverse]  # (B, M, r)
             with adapter.use(z):
                 nll = target_nll(model, h, mask, labels, adapter.lowest_layer).mean()
             loss = nll + config.l2 * (z**2).sum(dim=(1, 2)).mean()
-            opt.zero_grad()
+            for opt in opts:
+                opt.zero_grad()
             loss.backward()
-            opt.step()
+            for opt in opts:
+                opt.step()
             losses.append(nll.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     finally:
         adapter.eval()
         for p in adapter.shared_parameters():
             p.requires_grad_(False)
-    return FitReport(total, losses, time.perf_counter() - started)
+    plugins = None if free_x is None else free_x.weight.detach().view(len(docs), *adapter.plugin_shape).numpy()
+    return FitReport(total, losses, time.perf_counter() - started, plugins)
 
 
 def _length_grouped(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:

@@ -46,7 +46,12 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from adapters.training import FitConfig, fit
 
     base = load_base_model(args.model)
-    docs = load_corpus(args.data, parse_range(args.articles) if args.articles else None)
+    articles = parse_range(args.articles) if args.articles else None
+    docs = load_corpus(args.data, articles)
+    if args.max_docs is not None:
+        from service.eval_squad import sample_paragraphs
+
+        docs = sample_paragraphs(docs, articles or sorted({d.article for d in docs}), args.max_docs, args.seed)
     if args.retrieve:
         from index.embedder import Embedder
         from index.retrieval import with_retrieved_contexts
@@ -67,6 +72,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        x_lr=args.x_lr,
+        store=args.store,
+        store_examples=args.store_examples,
         max_len=args.max_len,
         seed=args.seed,
     )
@@ -358,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--layers", default="22-29", help='decoder layers, e.g. 22-29; "all" for every layer')
     fit.add_argument("--encoder-layer", type=int, default=8)
     fit.add_argument("--no-encoder", action="store_true", help="learn a free x per fitting document instead")
+    fit.add_argument("--x-lr", type=float, default=0.05, help="learning rate of the free x (with --no-encoder)")
+    fit.add_argument(
+        "--store",
+        default=None,
+        help="text-only builder (e.g. questions) whose examples alone write each document's free x, as fold-in "
+        "will; the --examples then only teach U, V to read it (needs --no-encoder)",
+    )
+    fit.add_argument("--store-examples", type=int, default=16, help="store examples per document")
+    fit.add_argument("--max-docs", type=int, default=None, help="a seeded sample of this many fitting documents")
     fit.add_argument("--epochs", type=float, default=2.0)
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument("--lr", type=float, default=2e-3)

@@ -96,6 +96,41 @@ def test_fit_learns_shared_matrices_and_leaves_base_untouched(tiny: BaseModel) -
     assert abs(a.plugin - b.plugin).max() > 0
 
 
+def _numbered_docs(answer_offset: int) -> list[Document]:
+    return [
+        Document(
+            f"d{i}",
+            f"Document {i} was written in Paris in {1900 + i}.",
+            {},
+            [QA(f"q{i}", f"When was document {i} written?", (str(1900 + i + answer_offset),))],
+        )
+        for i in range(4)
+    ]
+
+
+@pytest.mark.parametrize("store", [None, "questions"])
+def test_fit_with_a_store_builder_writes_x_from_the_text_alone(store: str | None) -> None:
+    """With a store builder the gold questions only teach U, V to read x: with U, V (nearly) frozen, x comes out
+    the same whatever the gold answers say. Without one, the gold answers write x too."""
+    plugins = []
+    for offset in (0, 50):
+        tiny = tiny_model(seed=0)
+        adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-2, -1], seed=3))
+        config = FitConfig(epochs=3, batch_size=4, lr=1e-12, x_lr=0.1, store=store, store_examples=4)
+        report = fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(offset), config, progress=False)
+        assert report.plugins is not None and report.plugins.shape == (4, *adapter.plugin_shape)
+        assert float(abs(report.plugins).max()) > 0
+        plugins.append(report.plugins)
+    gap = float(abs(plugins[0] - plugins[1]).max())
+    assert (gap < 1e-6) if store else (gap > 1e-3)
+
+
+def test_fit_with_a_store_builder_needs_free_plugins(tiny: BaseModel) -> None:
+    config = AdapterConfig(rank=4, layers=[-1], encoder=EncoderConfig(layer=1, hidden=32))
+    with pytest.raises(InvalidInputError, match="without an encoder"):
+        fit(PluginAdapter(tiny, config), tiny.model, tiny.tokenizer, _numbered_docs(0), FitConfig(store="questions"))
+
+
 def test_generation_leaves_base_untouched(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
     before = _base_weights(tiny)
     z = torch.randn(2, *tiny_adapter.plugin_shape)
