@@ -79,7 +79,15 @@ def cmd_fit(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     report = fit(adapter, base.model, base.tokenizer, docs, fit_config)
-    extra = {"fit": fit_config.model_dump(), "documents": len(docs), "data": str(args.data), "steps": report.steps}
+    extra: dict[str, object] = {
+        "fit": fit_config.model_dump(),
+        "documents": len(docs),
+        "data": str(args.data),
+        "articles": args.articles,
+        "steps": report.steps,
+    }
+    if args.max_docs is not None:
+        extra["max_docs"] = args.max_docs
     if args.retrieve:
         extra["retrieve"] = args.retrieve
     if args.init:
@@ -303,9 +311,14 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
     from adapters.corpus import parse_range
     from service.eval_squad import EvalOptions, eval_squad, markdown, parse_runs
 
-    fit_articles, eval_articles = parse_range(args.fit_articles), parse_range(args.eval_articles)
+    fit_spec = args.fit_articles
+    if args.adapter is not None:  # the articles the adapter says it was fitted on, where it records them
+        from adapters.adapter import read_checkpoint_meta
+
+        fit_spec = read_checkpoint_meta(args.adapter).get("extra", {}).get("articles") or fit_spec
+    fit_articles, eval_articles = parse_range(fit_spec), parse_range(args.eval_articles)
     if set(fit_articles) & set(eval_articles):
-        raise KplugError("fitting and evaluation articles overlap: split by article")
+        raise KplugError(f"the adapter's fitting articles {fit_spec} overlap the evaluation articles: split by article")
     adapter = args.adapter
     if adapter is None:
         adapter = (args.out.parent if args.out else Path("runs")) / "eval-adapter"

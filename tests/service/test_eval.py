@@ -253,3 +253,22 @@ def test_fit_init_continues_a_saved_adapter(tmp_path: Path) -> None:
     assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
     meta = json.loads((tmp_path / "b" / "adapter.json").read_text())
     assert meta["extra"]["init"]["checkpoint"] == checkpoint_id(tmp_path / "a")
+
+
+def test_eval_refuses_an_adapter_fitted_on_its_evaluation_articles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    _squad(tmp_path / "squad.json")
+    fit = ["fit", "--data", str(tmp_path / "squad.json"), "--model", "tiny", "--rank", "4", "--layers", "0-1",
+           "--no-encoder", "--epochs", "1", "--batch-size", "2", "--store", "questions", "--max-docs", "2"]  # fmt: skip
+    assert main([*fit, "--articles", "1", "--out", str(tmp_path / "a")]) == 0
+    meta = json.loads((tmp_path / "a" / "adapter.json").read_text())["extra"]
+    assert meta["articles"] == "1" and meta["documents"] == 2 and meta["fit"]["store"] == "questions"
+    # the eval's own --fit-articles default does not hide what the adapter was fitted on
+    evaluate = ["eval", "squad", "--data", str(tmp_path / "squad.json"), "--model", "tiny", "--adapter",
+                str(tmp_path / "a"), "--out", str(tmp_path / "r.json")]  # fmt: skip
+    assert main([*evaluate, "--fit-articles", "0", "--eval-articles", "1"]) == 2
+    assert "fitting articles 1 overlap" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
