@@ -67,6 +67,12 @@ def cmd_fit(args: argparse.Namespace) -> None:
     )
     # --init continues fitting a saved adapter (its own shape; the shape options are ignored)
     adapter = PluginAdapter.load(args.init, base) if args.init else PluginAdapter(base, config)
+    seen = args.articles  # every article the weights were fitted on, the init's included: the eval checks them
+    if args.init:
+        from adapters.adapter import read_checkpoint_meta
+
+        earlier = read_checkpoint_meta(args.init).get("extra", {}).get("articles")
+        seen = ",".join(a for a in (earlier, args.articles) if a)
     fit_config = FitConfig(
         examples=args.examples,
         epochs=args.epochs,
@@ -83,7 +89,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         "fit": fit_config.model_dump(),
         "documents": len(docs),
         "data": str(args.data),
-        "articles": args.articles,
+        "articles": seen,
         "steps": report.steps,
     }
     if args.max_docs is not None:

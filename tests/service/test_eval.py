@@ -266,9 +266,13 @@ def test_eval_refuses_an_adapter_fitted_on_its_evaluation_articles(
     assert main([*fit, "--articles", "1", "--out", str(tmp_path / "a")]) == 0
     meta = json.loads((tmp_path / "a" / "adapter.json").read_text())["extra"]
     assert meta["articles"] == "1" and meta["documents"] == 2 and meta["fit"]["store"] == "questions"
+    assert main([*fit, "--articles", "0", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "adapter.json").read_text())["extra"]["articles"] == "1,0"
     # the eval's own --fit-articles default does not hide what the adapter was fitted on
     evaluate = ["eval", "squad", "--data", str(tmp_path / "squad.json"), "--model", "tiny", "--adapter",
                 str(tmp_path / "a"), "--out", str(tmp_path / "r.json")]  # fmt: skip
     assert main([*evaluate, "--fit-articles", "0", "--eval-articles", "1"]) == 2
     assert "fitting articles 1 overlap" in capsys.readouterr().err
+    evaluate[evaluate.index(str(tmp_path / "a"))] = str(tmp_path / "b")  # continued on article 0: 1 is still in it
+    assert main([*evaluate, "--fit-articles", "2", "--eval-articles", "1"]) == 2
     assert not (tmp_path / "r.json").exists()
