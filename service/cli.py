@@ -27,6 +27,14 @@ def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
         log.info("wrote %s", path)
 
 
+def _fitted_articles(adapter: Path) -> str | None:
+    """The articles a saved adapter records it was fitted on (None where its fit predates the record)."""
+    from adapters.adapter import read_checkpoint_meta
+
+    articles = read_checkpoint_meta(adapter).get("extra", {}).get("articles")
+    return str(articles) if articles else None
+
+
 def _table(rows: dict[str, Any]) -> str:
     width = max(len(k) for k in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items())
@@ -69,10 +77,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     adapter = PluginAdapter.load(args.init, base) if args.init else PluginAdapter(base, config)
     seen = args.articles  # every article the weights were fitted on, the init's included: the eval checks them
     if args.init:
-        from adapters.adapter import read_checkpoint_meta
-
-        earlier = read_checkpoint_meta(args.init).get("extra", {}).get("articles")
-        seen = ",".join(a for a in (earlier, args.articles) if a)
+        seen = ",".join(a for a in (_fitted_articles(args.init), args.articles) if a)
     fit_config = FitConfig(
         examples=args.examples,
         epochs=args.epochs,
@@ -317,11 +322,8 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
     from adapters.corpus import parse_range
     from service.eval_squad import EvalOptions, eval_squad, markdown, parse_runs
 
-    fit_spec = args.fit_articles
-    if args.adapter is not None:  # the articles the adapter says it was fitted on, where it records them
-        from adapters.adapter import read_checkpoint_meta
-
-        fit_spec = read_checkpoint_meta(args.adapter).get("extra", {}).get("articles") or fit_spec
+    # the articles the adapter says it was fitted on, where it records them
+    fit_spec = (_fitted_articles(args.adapter) if args.adapter is not None else None) or args.fit_articles
     fit_articles, eval_articles = parse_range(fit_spec), parse_range(args.eval_articles)
     if set(fit_articles) & set(eval_articles):
         raise KplugError(f"the adapter's fitting articles {fit_spec} overlap the evaluation articles: split by article")
@@ -367,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", type=Path, required=True)
     fit.add_argument("--model", default="smollm2")
     fit.add_argument(
-        "--examples", default="qa", help="training example builder: qa, qa+reading, qa+reading-3, questions, cloze, lm"
+        "--examples",
+        default="qa",
+        help="training example builder: qa, qa+reading, qa+reading-2, qa+reading-3, reading, questions, cloze, lm",
     )
     fit.add_argument("--init", type=Path, default=None, help="continue fitting this saved adapter")
     fit.add_argument("--max-len", type=int, default=256, help="tokens per example (prompt and answer)")
