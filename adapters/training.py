@@ -263,15 +263,15 @@ def fold_in(
         return total
 
     x = x0.clone().requires_grad_(True)
-    with torch.no_grad():
-        initial = per_doc_loss(x0)
     opt = torch.optim.Adam([x], lr=config.lr)
+    losses: list[Tensor] = []
     with torch.enable_grad():  # callers (the engine's thread) may have switched gradients off
         for _ in range(steps):
             opt.zero_grad()
-            per_doc_loss(x, backward=True)
+            losses.append(per_doc_loss(x, backward=True))
             (config.l2 * (x**2).sum()).backward()
             opt.step()
+    initial = losses[0]  # the first step's loss is at x0: no separate forward for it
     with torch.no_grad():
         final = per_doc_loss(x)
     seconds = (time.perf_counter() - started) / len(texts)

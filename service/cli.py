@@ -261,6 +261,9 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--fold-in-lr", type=float, default=0.1)
     parser.add_argument(
+        "--fold-in-max-examples", type=int, default=16, help="training examples per document, all sources (default 16)"
+    )
+    parser.add_argument(
         "--fold-in-distill", type=float, default=0.0, help="weight of context distillation in those steps (default 0)"
     )
     parser.add_argument(
@@ -287,6 +290,7 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         distill=args.fold_in_distill,
         self_study=args.fold_in_self_study,
         written=args.fold_in_written,
+        max_examples=args.fold_in_max_examples,
     )
 
 

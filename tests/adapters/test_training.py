@@ -53,6 +53,17 @@ def test_fold_in_of_several_documents_equals_one_at_a_time(tiny: BaseModel, tiny
         assert abs(alone.loss - joint.loss) < 1e-3
 
 
+def test_fold_in_reports_the_loss_of_the_starting_plugin_as_initial(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
+) -> None:
+    [still] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=1, lr=1e-9))
+    [moved] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=3, lr=0.3))
+    assert still.loss is not None and moved.loss is not None and moved.initial_loss is not None
+    assert abs(still.loss - still.initial_loss) < 1e-4  # a step that barely moves x: the same loss before and after
+    assert abs(moved.initial_loss - still.initial_loss) < 1e-5  # before any step, whatever the steps do
+    assert moved.loss < moved.initial_loss - 0.05
+
+
 @pytest.mark.parametrize("distill", [0.0, 1.0])
 def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(
     tiny: BaseModel, tiny_adapter: PluginAdapter, distill: float

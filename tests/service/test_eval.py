@@ -235,6 +235,22 @@ def test_eval_nll_probe_scores_own_zero_and_wrong_plugins(tmp_path: Path) -> Non
     assert report["own_below_wrong"] == 1.0
 
 
+def test_fold_in_flags_reach_the_probe(tmp_path: Path) -> None:
+    from service.cli import main
+
+    _squad(tmp_path / "squad.json")
+    PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
+    probe = ["eval", "nll", "--data", str(tmp_path / "squad.json"), "--articles", "2-3", "--max-paragraphs", "2"]
+    probe += ["--adapter", str(tmp_path / "adapter"), "--model", "tiny", "--fold-in-steps", "2", "--fold-in-lr", "0.5"]
+    assert main([*probe, "--fold-in-max-examples", "3", "--out", str(tmp_path / "three.json")]) == 0
+    assert main([*probe, "--out", str(tmp_path / "default.json")]) == 0
+    three, default = (
+        json.loads((tmp_path / f).read_text())["config"]["fold_in"] for f in ("three.json", "default.json")
+    )
+    assert (three["steps"], three["lr"], three["max_examples"]) == (2, 0.5, 3)
+    assert default["max_examples"] == 16
+
+
 def test_fit_init_continues_a_saved_adapter(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
