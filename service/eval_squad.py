@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from adapters.adapter import read_checkpoint_meta
 from adapters.corpus import QA, Document, load_squad
 from adapters.errors import InvalidInputError
 from adapters.examples import ANSWER_END, spread
@@ -175,6 +176,7 @@ class SquadEval:
             "config": {
                 "data": str(o.data),
                 "fit_articles": f"{min(o.fit_articles)}-{max(o.fit_articles)}",
+                "fit_documents": read_checkpoint_meta(o.adapter)["extra"].get("documents"),  # None: not recorded
                 "eval_articles": f"{min(o.eval_articles)}-{max(o.eval_articles)}",
                 "max_paragraphs": o.max_paragraphs,
                 "paragraphs": len(paragraphs),
@@ -471,9 +473,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"(sign test p {t['sign_test_p']:.3f}); F1 difference {t['f1_diff']:+.3f} "
             f"(95% CI {low:+.3f} to {high:+.3f})."
         )
+    fitted = f"{cfg['fit_documents']} paragraphs of " if cfg.get("fit_documents") else ""
     lines.append(
         f"{cfg['paragraphs']} paragraphs, {cfg['questions']} questions of articles {cfg['eval_articles']}; "
-        f"adapter fitted on articles {cfg['fit_articles']}; {cfg['model']}, greedy, {cfg['max_new_tokens']} new tokens."
+        f"adapter fitted on {fitted}articles {cfg['fit_articles']}; {cfg['model']}, greedy, "
+        f"{cfg['max_new_tokens']} new tokens."
     )
     return "\n".join(lines) + "\n"
 

@@ -271,7 +271,7 @@ def test_fit_init_continues_a_saved_adapter(tmp_path: Path) -> None:
     assert meta["extra"]["init"]["checkpoint"] == checkpoint_id(tmp_path / "a")
 
 
-def test_eval_refuses_an_adapter_fitted_on_its_evaluation_articles(
+def test_eval_checks_and_reports_what_the_adapter_was_fitted_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from service.cli import main
@@ -292,3 +292,9 @@ def test_eval_refuses_an_adapter_fitted_on_its_evaluation_articles(
     evaluate[evaluate.index(str(tmp_path / "a"))] = str(tmp_path / "b")  # continued on article 0: 1 is still in it
     assert main([*evaluate, "--fit-articles", "2", "--eval-articles", "1"]) == 2
     assert not (tmp_path / "r.json").exists()
+    # a sampled fit says how many paragraphs it saw: "articles 1" alone would claim all of them
+    evaluate[evaluate.index(str(tmp_path / "b"))] = str(tmp_path / "a")
+    run = ["--eval-articles", "2-3", "--max-paragraphs", "2", "--runs", "none/none", "--capacity-paragraphs", "0"]
+    assert main([*evaluate, *run, "--fold-in-steps", "1", "--max-new-tokens", "2"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["fit_documents"] == 2
+    assert "adapter fitted on 2 paragraphs of articles 1-1;" in (tmp_path / "r.md").read_text()
