@@ -55,6 +55,9 @@ class AdapterConfig(Schema):
     targets: list[Target] = Field(default_factory=lambda: list[Target](["o", "down"]))
     layers: list[int] | None = None  # None: every layer; negative indices count from the top
     u_init_std: float = Field(0.02, ge=0)  # U != 0 at init so that x has a gradient before any fit
+    # A fitted with U, V (starting from the seeded random one) instead of fixed: a learned key map, so that the fit
+    # can make a real question's A h land where the fold-in examples that wrote x put theirs
+    learn_keys: bool = False
     encoder: EncoderConfig | None = None
 
 
@@ -67,7 +70,15 @@ class PluginLinear(nn.Module):
     """A frozen linear module plus s * U (V h + z * (A h)), z read from the adapter's active composition."""
 
     def __init__(
-        self, base: nn.Linear, index: int, rank: int, scale: float, seed: int, u_std: float, state: _Composition
+        self,
+        base: nn.Linear,
+        index: int,
+        rank: int,
+        scale: float,
+        seed: int,
+        u_std: float,
+        state: _Composition,
+        learn_keys: bool = False,
     ) -> None:
         super().__init__()
         self.base = base
@@ -77,8 +88,12 @@ class PluginLinear(nn.Module):
         gen = torch.Generator().manual_seed(seed * 7919 + index)
         self.U = nn.Parameter(torch.randn(out_f, rank, generator=gen) * u_std)  # (out, r)
         self.V = nn.Parameter(torch.zeros(rank, in_f))  # (r, in): x = 0 starts as the bare base model
+        A = subspace(seed, index, rank, in_f)  # (r, in)
         self.A: Tensor
-        self.register_buffer("A", subspace(seed, index, rank, in_f), persistent=False)  # (r, in)
+        if learn_keys:
+            self.A = nn.Parameter(A)
+        else:
+            self.register_buffer("A", A, persistent=False)  # regenerated from the seed, never stored
         self._state = state
 
     def forward(self, h: Tensor) -> Tensor:  # h (B, T, in)
@@ -118,7 +133,14 @@ class PluginAdapter(nn.Module):
                 if isinstance(original, PluginLinear):
                     raise CheckpointError("this base model already carries a plugin adapter")
                 module = PluginLinear(
-                    original, len(wrapped), config.rank, scale, config.seed, config.u_init_std, self._state
+                    original,
+                    len(wrapped),
+                    config.rank,
+                    scale,
+                    config.seed,
+                    config.u_init_std,
+                    self._state,
+                    config.learn_keys,
                 )
                 setattr(parent, attr, module)
                 wrapped.append(module)
@@ -127,6 +149,9 @@ class PluginAdapter(nn.Module):
         self.wrapped = nn.ModuleList(wrapped)  # registers them as submodules
         self.encoder = PluginEncoder(config.encoder, base, self.plugin_shape) if config.encoder else None
         self.lowest_layer = min(self.layer_ids)
+        # frozen until fit thaws them: fold-in and generation must not compute (or accumulate) their gradients
+        for p in self.shared_parameters():
+            p.requires_grad_(False)
 
     @property
     def plugin_shape(self) -> tuple[int, int]:
@@ -139,8 +164,11 @@ class PluginAdapter(nn.Module):
         return m * r * 4  # float32
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """U and V of every module (and the encoder's weights): what fit learns, what fold-in freezes."""
+        """U and V of every module (A too when learned, and the encoder's weights): what fit learns, what fold-in
+        freezes."""
         params = [p for m in self.plugin_modules for p in (m.U, m.V)]
+        if self.config.learn_keys:
+            params += [m.A for m in self.plugin_modules]
         if self.encoder is not None:
             params += self.encoder.trainable_parameters()
         return params
@@ -170,6 +198,8 @@ class PluginAdapter(nn.Module):
         for i, m in enumerate(self.plugin_modules):
             tensors[f"U.{i}"] = m.U.detach().contiguous()
             tensors[f"V.{i}"] = m.V.detach().contiguous()
+            if self.config.learn_keys:
+                tensors[f"A.{i}"] = m.A.detach().contiguous()
         if self.encoder is not None:
             for name, t in self.encoder.trainable_state().items():
                 tensors[f"encoder.{name}"] = t.detach().contiguous()
@@ -216,6 +246,8 @@ class PluginAdapter(nn.Module):
             for i, m in enumerate(adapter.plugin_modules):
                 m.U.copy_(tensors[f"U.{i}"].float())
                 m.V.copy_(tensors[f"V.{i}"].float())
+                if adapter.config.learn_keys:
+                    m.A.copy_(tensors[f"A.{i}"].float())
             if adapter.encoder is not None:
                 adapter.encoder.load_trainable_state(
                     {k.removeprefix("encoder."): v.float() for k, v in tensors.items() if k.startswith("encoder.")}

@@ -72,6 +72,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         targets=args.targets.split(","),
         layers=None if args.layers == "all" else parse_range(args.layers),
         encoder=None if args.no_encoder else EncoderConfig(layer=args.encoder_layer),
+        learn_keys=args.learn_keys,
     )
     # --init continues fitting a saved adapter (its own shape; the shape options are ignored)
     adapter = PluginAdapter.load(args.init, base) if args.init else PluginAdapter(base, config)
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--layers", default="22-29", help='decoder layers, e.g. 22-29; "all" for every layer')
     fit.add_argument("--encoder-layer", type=int, default=8)
     fit.add_argument("--no-encoder", action="store_true", help="learn a free x per fitting document instead")
+    fit.add_argument("--learn-keys", action="store_true", help="fit A with U, V instead of keeping it fixed")
     fit.add_argument("--x-lr", type=float, default=0.05, help="learning rate of the free x (with --no-encoder)")
     fit.add_argument(
         "--store",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from adapters.adapter import AdapterConfig, PluginAdapter, read_checkpoint_meta
 from adapters.base_model import BaseModel, tiny_model
@@ -212,3 +213,28 @@ def test_length_grouped_batches_cover_an_epoch_once_with_little_padding() -> Non
     mixed = sum(len({lengths[i] for i in b}) > 1 for b in batches)
     assert mixed <= 20  # at most one batch per sorted window straddles the two lengths
     assert batches != _length_grouped(lengths, 32, random.Random(1))  # shuffled, by seed
+
+
+def test_learned_keys_are_fitted_saved_and_frozen_in_fold_in(tmp_path: Path) -> None:
+    tiny = tiny_model(seed=0)
+    adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-2, -1], seed=3, learn_keys=True))
+    assert not any(p.requires_grad for p in adapter.shared_parameters())  # frozen until fit thaws them
+    seeded = [m.A.detach().clone() for m in adapter.plugin_modules]
+    config = FitConfig(epochs=3, batch_size=4, lr=1e-2, x_lr=0.1, store="questions", store_examples=4)
+    fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), config, progress=False)
+    assert all(not torch.equal(a, m.A) for a, m in zip(seeded, adapter.plugin_modules, strict=True))
+    adapter.save(tmp_path / "ckpt")
+
+    fresh = tiny_model(seed=0)
+    loaded = PluginAdapter.load(tmp_path / "ckpt", fresh)
+    for m, n in zip(adapter.plugin_modules, loaded.plugin_modules, strict=True):
+        torch.testing.assert_close(m.A, n.A)
+    fitted = _shared(loaded)
+    fold_in(loaded, fresh.model, fresh.tokenizer, [TEXT], FoldInConfig(steps=3, lr=0.3))
+    for before, after in zip(fitted, loaded.shared_parameters(), strict=True):
+        assert torch.equal(before, after) and after.grad is None  # fold-in neither moves nor differentiates them
+
+
+def test_fixed_keys_are_regenerated_from_the_seed_not_stored(tmp_path: Path, tiny_adapter: PluginAdapter) -> None:
+    tiny_adapter.save(tmp_path / "ckpt")
+    assert not any(k.startswith("A.") for k in load_file(str(tmp_path / "ckpt" / "adapter.safetensors")))
