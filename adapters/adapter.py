@@ -167,8 +167,7 @@ class PluginAdapter(nn.Module):
         """U and V of every module (A too when learned, and the encoder's weights): what fit learns, what fold-in
         freezes."""
         params = [p for m in self.plugin_modules for p in (m.U, m.V)]
-        if self.config.learn_keys:
-            params += [m.A for m in self.plugin_modules]
+        params += [m.A for m in self.plugin_modules if isinstance(m.A, nn.Parameter)]  # learned keys only
         if self.encoder is not None:
             params += self.encoder.trainable_parameters()
         return params

@@ -258,7 +258,9 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
 def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold-in-steps", type=int, default=None, help="gradient steps after the encoder (default 0)")
     parser.add_argument(
-        "--fold-in-examples", default="questions", help="examples for those steps: questions, cloze, lm"
+        "--fold-in-examples",
+        default="questions",
+        help="examples for those steps: questions, about, questions+about, cloze, lm",
     )
     parser.add_argument("--fold-in-lr", type=float, default=0.1)
     parser.add_argument(

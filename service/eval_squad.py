@@ -320,16 +320,17 @@ class SquadEval:
         self, paragraphs: Sequence[Document], questions: Sequence[Question], outputs: dict[str, list[str]]
     ) -> dict[str, Any]:
         """Is fold-in limited by what its examples ask or by how far plugins generalise? The share of questions whose
-        reference answer is the target of one of its paragraph's made examples (the builder's, as fold-in spreads
-        them; written and self-study examples not counted), and plugins/oracle's contained rate on both parts."""
+        reference answer is contained in the target of one of its paragraph's made examples (the builder's, as
+        fold-in spreads them; written and self-study examples not counted), and plugins/oracle's contained rate on
+        both parts. Contained, as the metric: a clause target holding the answer covers it."""
         fold = self.runtime.settings.fold_in
         if fold_in_steps(self.runtime.adapter, fold) == 0:
             return {}
         targets = {
-            doc.id: {normalize_answer(e.target.removesuffix(ANSWER_END)) for e in spread(made, fold.max_examples)}
+            doc.id: [e.target.removesuffix(ANSWER_END) for e in spread(made, fold.max_examples)]
             for doc, made in zip(paragraphs, build_examples(fold.examples, paragraphs), strict=True)
         }
-        covered = np.array([bool({normalize_answer(a) for a in q.qa.answers} & targets[q.doc.id]) for q in questions])
+        covered = np.array([any(contained(t, q.qa.answers) for t in targets[q.doc.id]) for q in questions])
         out: dict[str, Any] = {"examples": fold.examples, "questions_covered": float(covered.mean())}
         if "plugins/oracle" in outputs:
             got = _per_question(contained, outputs["plugins/oracle"], questions)
@@ -460,8 +461,8 @@ def markdown(report: dict[str, Any]) -> str:
         c = report["coverage"]
         parts = ", ".join(f"{k} {_fmt(v)}" for k, v in c.items() if k.startswith("plugins/"))
         lines.append(
-            f"Coverage: the reference answer is the target of one of its paragraph's {c['examples']} fold-in examples "
-            f"for {c['questions_covered']:.3f} of the questions" + (f"; {parts}." if parts else ".")
+            f"Coverage: the reference answer is contained in the target of one of its paragraph's {c['examples']} "
+            f"fold-in examples for {c['questions_covered']:.3f} of the questions" + (f"; {parts}." if parts else ".")
         )
     for key, shares in report.get("answer_sources", {}).items():
         lines.append(f"Answer sources, {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items()) + ".")

@@ -124,13 +124,14 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_coverage_says_which_questions_the_fold_in_examples_ask(tmp_path: Path) -> None:
     """Each tiny paragraph's sentence has two number spans, "town N" first and the answer (the year) second: with
-    every example the year is a target, with only the first example it is not."""
+    every example the year is a target, with only the first example it is not, unless that example's target is
+    the clause around "town N", which holds the year too."""
     _squad(tmp_path / "squad.json")
     config = AdapterConfig(rank=4, targets=["o"], layers=[-1])
     PluginAdapter(tiny_model(), config).save(tmp_path / "adapter")
 
-    def coverage(max_examples: int) -> dict[str, Any]:
-        fold = FoldInConfig(steps=1, max_examples=max_examples)
+    def coverage(max_examples: int, examples: str = "questions") -> dict[str, Any]:
+        fold = FoldInConfig(steps=1, max_examples=max_examples, examples=examples)
         runs = [("plugins", "oracle")]
         options = _options(tmp_path, max_paragraphs=3, max_new_tokens=2, capacity_paragraphs=0, fold_in=fold, runs=runs)
         return eval_squad(options, None)["coverage"]
@@ -141,6 +142,7 @@ def test_coverage_says_which_questions_the_fold_in_examples_ask(tmp_path: Path) 
         every["plugins/oracle contained, uncovered"] is None and every["plugins/oracle contained, covered"] is not None
     )
     assert first["questions_covered"] == 0.0 and first["plugins/oracle contained, covered"] is None
+    assert coverage(1, "about")["questions_covered"] == 1.0
 
 
 def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:

@@ -1,0 +1,32 @@
+"""Examples made from a document's text alone: what they ask and what they teach."""
+
+from __future__ import annotations
+
+from adapters.corpus import Document
+from adapters.examples import ANSWER_END, about_examples, question_examples, questions_and_about
+
+TEXT = (
+    "The tower, designed by Gustave Eiffel, was completed in 1889 for the World Fair. "
+    "Paris, France, hosted the fair that year, and millions of visitors came."
+)
+
+
+def test_about_examples_ask_each_entity_once_and_answer_with_its_clause() -> None:
+    made = {e.prompt: e.target.removesuffix(ANSWER_END) for e in about_examples(Document("d", TEXT))}
+    assert made["What do you know about Gustave Eiffel?"] == "designed by Gustave Eiffel"
+    assert made["What do you know about 1889?"] == "was completed in 1889 for the World Fair"
+    # "France" alone between commas says nothing: the whole sentence is the answer
+    assert (
+        made["What do you know about France?"]
+        == "Paris, France, hosted the fair that year, and millions of visitors came"
+    )
+    assert len(made) == len(about_examples(Document("d", TEXT)))  # each entity once
+    assert all(e.target.endswith(ANSWER_END) for e in about_examples(Document("d", TEXT)))
+
+
+def test_questions_and_about_alternate_one_phrasing_per_span_with_about() -> None:
+    doc = Document("d", TEXT)
+    mixed = questions_and_about(doc)
+    rules, about = question_examples(doc)[::2], about_examples(doc)
+    assert mixed[:4] == [rules[0], about[0], rules[1], about[1]]
+    assert sorted(map(repr, mixed)) == sorted(map(repr, rules + about))
