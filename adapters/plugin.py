@@ -6,7 +6,8 @@ For one adapted linear module m with frozen weight W (out, in)::
     dW = s * U (V + diag(z) A)                    the U(V + A*x) of the seed idea
 
     W (out, in)  frozen base weight            U (out, r)  shared up matrix, fitted once
-    A (r, in)    fixed random, from a seed     V (r, in)   shared down matrix, fitted once
+    A (r, in)    the keys: random from a seed  V (r, in)   shared down matrix, fitted once
+                 (or fitted with U, V)
     x_d (M, r)   document d's plugin           z (M, r)    a query's composition, sum_d w_d x_d
 
 The delta is linear in z, so composing plugins is a weighted sum of small vectors, and B requests with B
@@ -22,7 +23,8 @@ from torch import Tensor
 
 
 def subspace(seed: int, module_index: int, rank: int, in_features: int) -> Tensor:
-    """The fixed random subspace A of one module, regenerated from the adapter seed, never stored."""
+    """The random subspace A of one module, from the adapter seed: fixed (regenerated, never stored), or the start
+    of a learned key map."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + module_index)
     # N(0, 1/in) rows keep A h of order 1 for an RMS-normalised h
     return torch.randn(rank, in_features, generator=gen) / math.sqrt(in_features)  # (r, in)
