@@ -241,12 +241,14 @@ class PluginAdapter(nn.Module):
             )
         adapter = cls(base, AdapterConfig.model_validate(meta["config"]))
         tensors = load_file(str(folder / WEIGHTS_FILE))
+        names = "UVA" if adapter.config.learn_keys else "UV"
+        missing = [f"{n}.{i}" for i in range(len(adapter.plugin_modules)) for n in names if f"{n}.{i}" not in tensors]
+        if missing:
+            raise CheckpointError(f"{folder / WEIGHTS_FILE} lacks {', '.join(missing[:4])}: not this config's weights")
         with torch.no_grad():
             for i, m in enumerate(adapter.plugin_modules):
-                m.U.copy_(tensors[f"U.{i}"].float())
-                m.V.copy_(tensors[f"V.{i}"].float())
-                if adapter.config.learn_keys:
-                    m.A.copy_(tensors[f"A.{i}"].float())
+                for n in names:
+                    getattr(m, n).copy_(tensors[f"{n}.{i}"].float())
             if adapter.encoder is not None:
                 adapter.encoder.load_trainable_state(
                     {k.removeprefix("encoder."): v.float() for k, v in tensors.items() if k.startswith("encoder.")}

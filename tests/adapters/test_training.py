@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,13 @@ def test_learned_keys_are_fitted_saved_and_frozen_in_fold_in(tmp_path: Path) -> 
 def test_fixed_keys_are_regenerated_from_the_seed_not_stored(tmp_path: Path, tiny_adapter: PluginAdapter) -> None:
     tiny_adapter.save(tmp_path / "ckpt")
     assert not any(k.startswith("A.") for k in load_file(str(tmp_path / "ckpt" / "adapter.safetensors")))
+
+
+def test_checkpoint_without_its_learned_keys_is_a_clear_error(tmp_path: Path, tiny_adapter: PluginAdapter) -> None:
+    tiny_adapter.save(tmp_path / "ckpt")  # fixed keys: no A stored
+    meta_path = tmp_path / "ckpt" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["learn_keys"] = True
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"lacks A\.0"):
+        PluginAdapter.load(tmp_path / "ckpt", tiny_model(seed=0))
