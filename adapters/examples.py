@@ -125,15 +125,11 @@ def about_examples(doc: Document) -> list[Example]:
     The targets are the document's own words around each entity, so they hold far more of what questions ask
     than the entity spans alone (a clause holds the reference answer of 68% of the fitting articles' questions,
     the spans 37%); the entity in the prompt is the key a real question about the same fact is likely to share."""
-    seen: set[str] = set()
-    out = []
-    for sent in sentences(doc.text):
-        body = sent.rstrip(".!? ")
-        for start, end in cloze_spans(body):
-            span = body[start:end]
-            if len(span) > 2 and span.lower() not in seen:
-                seen.add(span.lower())
-                out.append(Example(f"What do you know about {span}?", _clause(body, start) + ANSWER_END))
+    out = [
+        Example(f"What do you know about {sent[start:end]}?", _clause(sent.rstrip(".!? "), start) + ANSWER_END)
+        for sent, start, end in first_mentions(doc.text)
+        if end - start > 2
+    ]
     return out or cloze_examples(doc)
 
 
@@ -153,18 +149,23 @@ def spread(items: Sequence[T], n: int | None) -> list[T]:
     return [items[int(i * step)] for i in range(n)]
 
 
-def entities(text: str) -> list[str]:
-    """The document's distinct entity and number spans, in order of first mention."""
+def first_mentions(text: str) -> list[tuple[str, int, int]]:
+    """(sentence, start, end) of the first mention of every distinct entity or number span (case-folded), in order:
+    asking about one span many times would crowd out the rest of the document."""
     seen: set[str] = set()
     out = []
     for sent in sentences(text):
         body = sent.rstrip(".!? ")
         for start, end in cloze_spans(body):
-            span = body[start:end]
-            if len(span) > 2 and span.lower() not in seen:
-                seen.add(span.lower())
-                out.append(span)
+            if body[start:end].lower() not in seen:
+                seen.add(body[start:end].lower())
+                out.append((sent, start, end))  # body is a prefix of sent: the offsets hold in both
     return out
+
+
+def entities(text: str) -> list[str]:
+    """The document's distinct entity and number spans longer than 2 characters, in order of first mention."""
+    return [sent[start:end] for sent, start, end in first_mentions(text) if end - start > 2]
 
 
 EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {

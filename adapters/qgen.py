@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.corpus import Document
 from adapters.errors import CheckpointError
-from adapters.examples import ANSWER_END, Example, cloze_spans, sentences, spread
+from adapters.examples import ANSWER_END, Example, first_mentions, sentences, spread
 from adapters.forward import CausalLM
 from adapters.generation import greedy_generate
 
@@ -129,17 +129,8 @@ def training_pairs(docs: Sequence[Document]) -> list[Example]:
 
 
 def answer_spans(text: str) -> list[tuple[str, str]]:
-    """(sentence, span) for the first mention of every distinct entity or number span, in order: asking about one
-    span many times would crowd out the rest of the document."""
-    seen: set[str] = set()
-    out = []
-    for sent in sentences(text):
-        body = sent.rstrip(".!? ")
-        for s, e in cloze_spans(body):
-            if body[s:e].lower() not in seen:
-                seen.add(body[s:e].lower())
-                out.append((sent, body[s:e]))
-    return out
+    """(sentence, span) for the first mention of every distinct entity or number span, in order."""
+    return [(sent, sent[start:end]) for sent, start, end in first_mentions(text)]
 
 
 def written_examples(
