@@ -59,6 +59,8 @@ class FitConfig(Schema):
     # `examples` (gold questions) then train U, V to read that x and never move it. None: all examples train x.
     store: str | None = None
     store_examples: int | None = Field(16, ge=1)  # per document, spread over it as fold-in does
+    # of those, questions asked by the adapter's question writer (as fold-in's `written`), the builder's the rest
+    store_written: int = Field(0, ge=0)
     l2: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_len: int = Field(256, ge=8)
@@ -300,8 +302,9 @@ def fit(
         if adapter.encoder is not None:
             raise InvalidInputError("fit with a store builder learns a free x per document: fit without an encoder")
         text_only = [Document(d.id, d.text) for d in docs]  # what fold-in sees: no questions
-        for i, exs in enumerate(build_examples(config.store, text_only)):
-            examples += encode_examples(tokenizer, i, spread(exs, config.store_examples), config.max_len)
+        made = FoldInConfig(examples=config.store, written=config.store_written, max_examples=config.store_examples)
+        for i, exs in enumerate(fold_in_examples(adapter, model, tokenizer, text_only, made)):
+            examples += encode_examples(tokenizer, i, exs, config.max_len)
     cache = _PrefixCache(model, examples, adapter.lowest_layer)
     feats = _doc_features(adapter, model, tokenizer, [d.text for d in docs])
     free_x = None

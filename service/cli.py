@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapters.errors import KplugError
+from adapters.errors import CheckpointError, KplugError
 
 if TYPE_CHECKING:
     from adapters.training import FoldInConfig
@@ -76,6 +76,12 @@ def cmd_fit(args: argparse.Namespace) -> None:
     )
     # --init continues fitting a saved adapter (its own shape; the shape options are ignored)
     adapter = PluginAdapter.load(args.init, base) if args.init else PluginAdapter(base, config)
+    if args.writer:
+        from adapters.qgen import QuestionWriter
+
+        adapter.writer = QuestionWriter.load(args.writer, base.model)
+        if adapter.writer is None:
+            raise CheckpointError(f"no question writer in {args.writer} (run `kplug fit-writer`)")
     seen = args.articles  # every article the weights were fitted on, the init's included: the eval checks them
     if args.init:
         seen = ",".join(a for a in (_fitted_articles(args.init), args.articles) if a)
@@ -87,6 +93,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         x_lr=args.x_lr,
         store=args.store,
         store_examples=args.store_examples,
+        store_written=args.store_written,
         max_len=args.max_len,
         seed=args.seed,
     )
@@ -105,6 +112,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     if args.init:
         extra["init"] = {"folder": str(args.init), "checkpoint": adapter.checkpoint_id}
     ckpt = adapter.save(args.out, extra, half=args.half)
+    if adapter.writer is not None:  # fold-in asks its written questions with the writer the fit used
+        adapter.writer.save(args.out)
     print(f"adapter {ckpt} written to {args.out} ({report.steps} steps, {report.seconds:.0f} s)")
 
 
@@ -405,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
         "will; the --examples then only teach U, V to read it (needs --no-encoder)",
     )
     fit.add_argument("--store-examples", type=int, default=16, help="store examples per document")
+    fit.add_argument(
+        "--store-written",
+        type=int,
+        default=0,
+        help="of those, questions from the question writer (of --writer or --init), as fold-in's --fold-in-written",
+    )
+    fit.add_argument("--writer", type=Path, default=None, help="an adapter folder whose question writer to use")
     fit.add_argument("--max-docs", type=int, default=None, help="a seeded sample of this many fitting documents")
     fit.add_argument("--epochs", type=float, default=2.0)
     fit.add_argument("--batch-size", type=int, default=32)

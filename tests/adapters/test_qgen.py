@@ -14,7 +14,7 @@ from adapters.corpus import QA, Document
 from adapters.errors import InvalidInputError
 from adapters.examples import ANSWER_END, Example, spread
 from adapters.qgen import QuestionWriter, answer_spans, training_pairs, written_examples
-from adapters.training import FoldInConfig, fit_writer, fold_in_examples
+from adapters.training import FitConfig, FoldInConfig, fit, fit_writer, fold_in_examples
 
 TEXT = "The old tower was finished in 1889 by local builders."
 QUESTION = "When was the tower finished?"
@@ -65,7 +65,7 @@ def test_fold_in_refuses_written_questions_without_a_writer_and_loads_one_saved_
     assert PluginAdapter.load(tmp_path, tiny_model(seed=0)).writer is None
 
 
-def test_a_fitted_writer_asks_its_question_and_fold_in_puts_it_first() -> None:
+def test_a_fitted_writer_asks_its_question_and_fold_in_and_the_store_fit_put_it_first() -> None:
     base = load_base_model()  # the real model: the tiny one cannot fit a question in a few steps
     adapter = PluginAdapter(base, AdapterConfig(rank=4, targets=["o"], seed=3))
     writer, _ = fit_writer(base.model, base.tokenizer, [DOC], steps=20, batch_size=2, lr=3e-3, progress=False)
@@ -74,6 +74,23 @@ def test_a_fitted_writer_asks_its_question_and_fold_in_puts_it_first() -> None:
     adapter.writer = writer
     [made] = fold_in_examples(adapter, base.model, base.tokenizer, [DOC], FoldInConfig(written=1, max_examples=2))
     assert made[0] == expected and len(made) == 2  # the written question first, the rules fill the cap
+    # the store fit writes each fitting document's x from the same examples fold-in will use, written ones included
+    plugins = []
+    for written in (1, 0):
+        config = FitConfig(epochs=2, batch_size=4, lr=1e-12, x_lr=0.1, store="questions", store_examples=2)
+        report = fit(
+            adapter, base.model, base.tokenizer, [DOC], config.model_copy(update={"store_written": written}), False
+        )
+        assert report.plugins is not None
+        plugins.append(report.plugins)
+    assert float(abs(plugins[0] - plugins[1]).max()) > 1e-4
+
+
+def test_a_store_fit_with_written_questions_needs_a_writer(tiny: BaseModel) -> None:
+    adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-1]))
+    config = FitConfig(store="questions", store_written=2)
+    with pytest.raises(InvalidInputError, match="no question writer"):
+        fit(adapter, tiny.model, tiny.tokenizer, [DOC], config, progress=False)
 
 
 def test_each_distinct_span_is_asked_about_once_and_an_empty_spread_is_empty() -> None:
