@@ -273,6 +273,28 @@ def test_fit_init_continues_a_saved_adapter(tmp_path: Path) -> None:
     assert meta["extra"]["init"]["checkpoint"] == checkpoint_id(tmp_path / "a")
 
 
+def test_fit_asks_written_store_questions_with_a_writer_it_saves_beside_the_adapter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from adapters.base_model import tiny_model
+    from adapters.qgen import WEIGHTS_FILE, QuestionWriter
+    from service.cli import main
+
+    _squad(tmp_path / "squad.json")
+    fit = ["fit", "--data", str(tmp_path / "squad.json"), "--articles", "0", "--model", "tiny", "--rank", "4",
+           "--layers", "0-1", "--no-encoder", "--epochs", "1", "--batch-size", "2", "--store", "questions",
+           "--store-written", "2"]  # fmt: skip
+    assert main([*fit, "--out", str(tmp_path / "a")]) == 2
+    assert "no question writer" in capsys.readouterr().err
+    assert main([*fit, "--writer", str(tmp_path / "a"), "--out", str(tmp_path / "a")]) == 2
+    assert f"no question writer in {tmp_path / 'a'}" in capsys.readouterr().err
+    (tmp_path / "w").mkdir()
+    QuestionWriter(tiny_model(seed=0).model, rank=2).save(tmp_path / "w")
+    assert main([*fit, "--writer", str(tmp_path / "w"), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / WEIGHTS_FILE).exists()  # fold-in asks with the writer the fit used
+    assert json.loads((tmp_path / "b" / "adapter.json").read_text())["extra"]["fit"]["store_written"] == 2
+
+
 def test_eval_checks_and_reports_what_the_adapter_was_fitted_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
