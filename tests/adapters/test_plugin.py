@@ -98,6 +98,21 @@ def test_attaching_keeps_base_linear_objects(tiny: BaseModel) -> None:
     assert adapter.module_names == ["layers.0.self_attn.q_proj", "layers.3.self_attn.q_proj"]
 
 
+def test_two_layer_ranges_adapt_both_and_size_the_plugin() -> None:
+    """`--layers 1-2,4-5` (as `8-15,22-29` on the real model): every module of both ranges, none between, and the
+    plugin's bytes count them all; fit and fold-in cache the frozen states below the lowest adapted layer."""
+    from adapters.adapter import AdapterConfig
+    from adapters.base_model import tiny_model
+    from adapters.corpus import parse_range
+
+    config = AdapterConfig(rank=3, targets=["o", "down"], layers=parse_range("1-2,4-5"))
+    adapter = PluginAdapter(tiny_model(layers=6), config)
+    assert adapter.layer_ids == [1, 2, 4, 5]
+    assert [n.split(".")[1] for n in adapter.module_names] == ["1", "1", "2", "2", "4", "4", "5", "5"]
+    assert adapter.plugin_shape == (8, 3) and adapter.plugin_bytes == 8 * 3 * 4
+    assert adapter.lowest_layer == 1
+
+
 def test_gate_zero_rows_are_the_bare_model(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
     ids = torch.randint(3, 200, (2, 6))
     with torch.no_grad():
