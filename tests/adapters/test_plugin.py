@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters.adapter import PluginAdapter
-from adapters.base_model import BaseModel
+from adapters.adapter import AdapterConfig, PluginAdapter
+from adapters.base_model import BaseModel, tiny_model
+from adapters.corpus import parse_range
 from adapters.plugin import compose, delta_weight, low_rank_delta, modulated_forward, retrieval_weights, subspace
 
 
@@ -91,8 +92,6 @@ def test_composition_changes_logits_and_none_restores(tiny: BaseModel, tiny_adap
 def test_attaching_keeps_base_linear_objects(tiny: BaseModel) -> None:
     original = tiny.model.model.layers[0].self_attn.q_proj
     assert isinstance(original, nn.Linear)
-    from adapters.adapter import AdapterConfig
-
     adapter = PluginAdapter(tiny, AdapterConfig(rank=2, targets=["q"], layers=[0, -1]))
     assert adapter.plugin_modules[0].base is original
     assert adapter.module_names == ["layers.0.self_attn.q_proj", "layers.3.self_attn.q_proj"]
@@ -101,10 +100,6 @@ def test_attaching_keeps_base_linear_objects(tiny: BaseModel) -> None:
 def test_two_layer_ranges_adapt_both_and_size_the_plugin() -> None:
     """`--layers 1-2,4-5` (as `8-15,22-29` on the real model): every module of both ranges, none between, and the
     plugin's bytes count them all; fit and fold-in cache the frozen states below the lowest adapted layer."""
-    from adapters.adapter import AdapterConfig
-    from adapters.base_model import tiny_model
-    from adapters.corpus import parse_range
-
     config = AdapterConfig(rank=3, targets=["o", "down"], layers=parse_range("1-2,4-5"))
     adapter = PluginAdapter(tiny_model(layers=6), config)
     assert adapter.layer_ids == [1, 2, 4, 5]
