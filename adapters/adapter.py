@@ -161,7 +161,7 @@ class PluginAdapter(nn.Module):
     @property
     def plugin_bytes(self) -> int:
         m, r = self.plugin_shape
-        return m * r * 4  # float32
+        return m * r * 2  # float16 at rest, as the store keeps plugins (index/store.py PLUGIN_DTYPE)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """U and V of every module (A too when learned, and the encoder's weights): what fit learns, what fold-in

@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "store.sqlite3"
 INDEX_FILE = "index.faiss"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: plugins stored as float16 (1: float32, migrated on open)
+# float16 halves a plugin (16 KB holds 8,192 numbers): fold-in's x has |x| of order 1-10, where float16 keeps
+# three significant digits, and a composition is computed in float32 from the stored values
+PLUGIN_DTYPE = np.float16
+PLUGIN_MAX = float(np.finfo(PLUGIN_DTYPE).max)
 OnConflict = Literal["overwrite", "skip", "fail"]
 
 SCHEMA = """
@@ -47,7 +51,7 @@ CREATE TABLE IF NOT EXISTS documents (
 );
 CREATE TABLE IF NOT EXISTS plugins (
     num INTEGER PRIMARY KEY REFERENCES documents(num) ON DELETE CASCADE,
-    vector BLOB NOT NULL,  -- float32, M x r
+    vector BLOB NOT NULL,  -- float16, M x r
     norm REAL NOT NULL,
     adapter_id TEXT NOT NULL,
     loss REAL
@@ -71,6 +75,15 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def encode_plugin(plugin: np.ndarray) -> bytes:
+    return np.ascontiguousarray(plugin, dtype=PLUGIN_DTYPE).tobytes()
+
+
+def decode_plugin(blob: bytes) -> np.ndarray:
+    """A stored plugin as a flat float32 vector (M*r,)."""
+    return np.frombuffer(blob, dtype=PLUGIN_DTYPE).astype(np.float32)
+
+
 @dataclass
 class StoredDocument:
     id: str
@@ -80,7 +93,7 @@ class StoredDocument:
     content_hash: str
     created_at: float
     updated_at: float
-    plugin: np.ndarray | None  # (M, r) float32
+    plugin: np.ndarray | None  # (M, r) float32, from the stored float16
     norm: float | None
     adapter_id: str | None
     loss: float | None
@@ -157,7 +170,9 @@ class PluginStore:
                 }.items():
                     self._db.execute("INSERT INTO meta VALUES (?, ?)", (key, str(value)))
             return
-        if int(meta["schema_version"]) != SCHEMA_VERSION:
+        if int(meta["schema_version"]) == 1:
+            self._migrate_float32_plugins()
+        elif int(meta["schema_version"]) != SCHEMA_VERSION:
             raise StoreCorruptError(f"store schema {meta['schema_version']}, this version reads {SCHEMA_VERSION}")
         if int(meta["dim"]) != self.dim:
             raise ConflictError(f"store embeddings have {meta['dim']} dimensions, the embedder gives {self.dim}")
@@ -169,6 +184,21 @@ class PluginStore:
                 stale,
                 self.adapter_id,
             )
+
+    def _migrate_float32_plugins(self) -> None:
+        """Schema 1 -> 2: rewrite every float32 plugin as float16, in one transaction (a crash leaves schema 1)."""
+        with self._tx():
+            rows = self._db.execute("SELECT num, vector FROM plugins").fetchall()
+            for num, blob in rows:
+                # clip: a value beyond float16's range would become inf; none of fold-in's plugins comes near it
+                plugin = np.clip(np.frombuffer(blob, dtype=np.float32), -PLUGIN_MAX, PLUGIN_MAX)
+                stored = decode_plugin(encode_plugin(plugin))
+                self._db.execute(
+                    "UPDATE plugins SET vector = ?, norm = ? WHERE num = ?",
+                    (encode_plugin(plugin), float(np.linalg.norm(stored)), num),
+                )
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        log.info("store schema 1 -> %d: %d plugins rewritten as float16", SCHEMA_VERSION, len(rows))
 
     def _load_index(self) -> None:
         path = self.folder / INDEX_FILE
@@ -307,7 +337,7 @@ class PluginStore:
                         )
                     self._db.execute(
                         "INSERT OR REPLACE INTO plugins VALUES (?, ?, ?, ?, ?)",
-                        (num, plugin.tobytes(), float(np.linalg.norm(plugin)), self.adapter_id, loss),
+                        (num, encode_plugin(plugin), float(np.linalg.norm(plugin)), self.adapter_id, loss),
                     )
                     self._db.execute("INSERT INTO changes (op, num) VALUES ('put', ?)", (num,))
                     statuses.append("created" if row is None else "updated")
@@ -335,7 +365,10 @@ class PluginStore:
             )
         if not (np.isfinite(embedding).all() and np.isfinite(plugin).all()):
             raise InvalidInputError(f"document {doc_id!r}: non-finite embedding or plugin")
-        return doc_id, text, metadata, embedding, plugin, loss
+        if np.abs(plugin).max(initial=0.0) > PLUGIN_MAX:
+            raise InvalidInputError(f"document {doc_id!r}: plugin values beyond float16's range ({PLUGIN_MAX:g})")
+        # the norm is stored beside the vector: take both from the float16 values that are kept
+        return doc_id, text, metadata, embedding, decode_plugin(encode_plugin(plugin)).reshape(plugin.shape), loss
 
     def delete(self, doc_id: str) -> None:
         with self._lock:
@@ -362,7 +395,7 @@ class PluginStore:
         return [
             StoredDocument(
                 r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6],
-                None if r[7] is None else np.frombuffer(r[7], dtype=np.float32).reshape(self.plugin_shape),
+                None if r[7] is None else decode_plugin(r[7]).reshape(self.plugin_shape),
                 r[8], r[9], r[10],
             )
             for r in rows
@@ -414,7 +447,7 @@ class PluginStore:
                 f"WHERE p.adapter_id = ? AND d.id IN ({','.join('?' * len(doc_ids))})",
                 [self.adapter_id, *doc_ids],
             ).fetchall()
-        return {r[0]: np.frombuffer(r[1], dtype=np.float32).reshape(self.plugin_shape) for r in rows}
+        return {r[0]: decode_plugin(r[1]).reshape(self.plugin_shape) for r in rows}
 
     # ---- plugin analytics ---------------------------------------------------------------------------------
 
@@ -427,8 +460,8 @@ class PluginStore:
             ).fetchall()
         ids = [r[0] for r in rows]
         size = self.plugin_shape[0] * self.plugin_shape[1]
-        matrix = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows]) if rows else np.zeros((0, size))
-        return ids, matrix.astype(np.float32)  # (N, M*r)
+        matrix = np.stack([decode_plugin(r[1]) for r in rows]) if rows else np.zeros((0, size), np.float32)
+        return ids, matrix  # (N, M*r)
 
     def uniqueness(self, doc_id: str) -> tuple[float, float]:
         """|x_d| and its percentile among the collection's plugins (0-100)."""

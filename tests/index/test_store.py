@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from adapters.errors import ConflictError, InvalidInputError, NotFoundError, StoreCorruptError
-from index.store import DB_FILE, INDEX_FILE, PluginStore, content_hash
+from index.store import DB_FILE, INDEX_FILE, PLUGIN_DTYPE, PluginStore, content_hash
 from index.vectors import VectorIndex
 
 DIM, SHAPE = 16, (3, 4)
@@ -123,6 +123,8 @@ def test_conflict_policies_and_bad_input_lose_nothing(tmp_path: Path) -> None:
         store.put("doc-9", "  ", {}, vec, plug)
     with pytest.raises(InvalidInputError):
         store.put("doc-9", "x", {}, vec, np.full(SHAPE, np.nan, np.float32))
+    with pytest.raises(InvalidInputError, match="float16"):
+        store.put("doc-9", "x", {}, vec, np.full(SHAPE, 1e5, np.float32))
     assert store.get("doc-0").text == "text 0" and store.count() == 2 and len(store.index) == 2
 
 
@@ -189,7 +191,7 @@ def test_plugin_analytics(tmp_path: Path) -> None:
         plugin = direction * (1 + i) if i < 6 else rng.standard_normal(SHAPE).astype(np.float32) * 0.1
         store.put(f"d{i}", f"t{i}", {}, _unit(rng, 1)[0], plugin)
     norm, pct = store.uniqueness("d5")
-    assert norm == pytest.approx(6 * np.linalg.norm(direction), rel=1e-5) and pct == 100.0
+    assert norm == pytest.approx(6 * np.linalg.norm(direction), rel=1e-3) and pct == 100.0  # rel: float16 at rest
     assert {d for d, _ in store.similar("d0", 5)} == {"d1", "d2", "d3", "d4", "d5"}
     labels = store.clusters(2)
     assert len({labels[f"d{i}"] for i in range(6)}) == 1
@@ -208,7 +210,7 @@ CHILD = textwrap.dedent(
         vec /= np.linalg.norm(vec)
         doc_id = f"doc-{i % 40}"  # ids repeat: updates as well as inserts
         text = f"{sys.argv[2]}-{i} " * 50
-        store.put(doc_id, text, {"i": i}, vec, np.full((3, 4), i, np.float32))
+        store.put(doc_id, text, {"i": i}, vec, np.full((3, 4), i % 2048, np.float32))  # float16-exact
         if i % 11 == 5:
             store.delete(doc_id)
             print("del", doc_id, i, flush=True)
@@ -257,10 +259,65 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path: Path, run: i
             doc = store.get(doc_id)
             # the acknowledged write or a later one, never an older one
             assert doc.metadata["i"] >= i
-            assert doc.plugin is not None and float(doc.plugin[0, 0]) == doc.metadata["i"]
+            assert doc.plugin is not None and float(doc.plugin[0, 0]) == doc.metadata["i"] % 2048
             assert doc.content_hash == content_hash(doc.text)
         nums = sorted(d.num for d in store.page(0, 1000))
         assert sorted(store.index.ids().tolist()) == nums
         for doc in store.page(0, 1000):
             np.testing.assert_array_equal(store.index.vector(doc.num), store.embedding(doc.id))
         store.close()
+
+
+def test_plugins_are_kept_as_float16(tmp_path: Path) -> None:
+    """Half the bytes of float32; what comes back is the float16 rounding of what was put, norm included."""
+    store = _store(tmp_path)
+    plugin = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32) * 5
+    store.put("doc-0", "text", {}, _unit(np.random.default_rng(1), 1)[0], plugin)
+    blob = store._db.execute("SELECT vector FROM plugins").fetchone()[0]
+    assert len(blob) == np.prod(SHAPE) * np.dtype(PLUGIN_DTYPE).itemsize == np.prod(SHAPE) * 2
+    back = store.get("doc-0")
+    assert back.plugin is not None and back.plugin.dtype == np.float32
+    np.testing.assert_array_equal(back.plugin, plugin.astype(np.float16).astype(np.float32))
+    assert 0 < np.abs(back.plugin - plugin).max() <= 5e-3 * np.abs(plugin).max()
+    assert back.norm == pytest.approx(float(np.linalg.norm(back.plugin)), rel=1e-6)
+    np.testing.assert_array_equal(store.plugins(["doc-0"])["doc-0"], back.plugin)
+
+
+def test_a_schema_1_store_is_migrated_to_float16_plugins(tmp_path: Path) -> None:
+    """A store written by the float32 version opens with every document, plugin and search result intact."""
+    store = _store(tmp_path)
+    vectors = _fill(store, 5)
+    plugins = {i: np.random.default_rng(i).standard_normal(SHAPE).astype(np.float32) for i in range(5)}
+    # rewrite it as schema 1 wrote it: float32 blobs, schema_version 1
+    with store._tx():
+        for i, plugin in plugins.items():
+            store._db.execute(
+                "UPDATE plugins SET vector = ?, norm = ? WHERE num = (SELECT num FROM documents WHERE id = ?)",
+                (plugin.tobytes(), float(np.linalg.norm(plugin)), f"doc-{i}"),
+            )
+        store._db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    store.close()
+
+    reopened = _store(tmp_path)
+    version = reopened._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    assert version == "2" and reopened.count() == 5
+    for i, plugin in plugins.items():
+        doc = reopened.get(f"doc-{i}")
+        assert doc.plugin is not None
+        np.testing.assert_array_equal(doc.plugin, plugin.astype(np.float16).astype(np.float32))
+        assert doc.norm == pytest.approx(float(np.linalg.norm(doc.plugin)), rel=1e-6)
+        assert reopened.search(vectors[f"doc-{i}"], 1)[0][0] == f"doc-{i}"
+    reopened.close()
+    # a second open finds schema 2 and leaves the float16 blobs alone (read as float32 they would not even reshape)
+    again = _store(tmp_path).get("doc-0").plugin
+    assert again is not None
+    np.testing.assert_array_equal(again, plugins[0].astype(np.float16).astype(np.float32))
+
+
+def test_an_unknown_schema_is_refused(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    with store._tx():
+        store._db.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
+    store.close()
+    with pytest.raises(StoreCorruptError, match="schema 7"):
+        _store(tmp_path)

@@ -91,7 +91,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
         assert 0 <= row["contained"] <= 1 and row["n"] > 0
     assert report["results"]["plugins/oracle"]["n"] == 4 and report["results"]["plugins/oracle"]["context_tokens"] == 0
     assert report["results"]["context/oracle"]["context_tokens"] > 5
-    assert report["bytes_per_plugin"] == 4 * 4 * 4 and report["fold_in_seconds_per_doc"] > 0
+    assert report["bytes_per_plugin"] == 4 * 4 * 2 and report["fold_in_seconds_per_doc"] > 0
     assert 0 <= report["retrieval_recall_at_k"] <= 1 and "plugin_nn_same_article" in report["similarity"]
     assert set(report["paired"]) == {
         "plugins/oracle vs none/none",
