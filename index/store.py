@@ -191,11 +191,10 @@ class PluginStore:
             rows = self._db.execute("SELECT num, vector FROM plugins").fetchall()
             for num, blob in rows:
                 # clip: a value beyond float16's range would become inf; none of fold-in's plugins comes near it
-                plugin = np.clip(np.frombuffer(blob, dtype=np.float32), -PLUGIN_MAX, PLUGIN_MAX)
-                stored = decode_plugin(encode_plugin(plugin))
+                half = encode_plugin(np.clip(np.frombuffer(blob, dtype=np.float32), -PLUGIN_MAX, PLUGIN_MAX))
                 self._db.execute(
                     "UPDATE plugins SET vector = ?, norm = ? WHERE num = ?",
-                    (encode_plugin(plugin), float(np.linalg.norm(stored)), num),
+                    (half, float(np.linalg.norm(decode_plugin(half))), num),
                 )
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
         log.info("store schema 1 -> %d: %d plugins rewritten as float16", SCHEMA_VERSION, len(rows))
