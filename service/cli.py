@@ -96,6 +96,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         store_written=args.store_written,
         max_len=args.max_len,
         seed=args.seed,
+        precision=args.precision,
     )
     report = fit(adapter, base.model, base.tokenizer, docs, fit_config)
     extra: dict[str, object] = {
@@ -290,6 +291,12 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="questions per document from the adapter's question writer (default 0)",
     )
+    parser.add_argument(
+        "--fold-in-precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="the steps' matrix products; auto: bfloat16 where the hardware has it (default auto)",
+    )
 
 
 def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
@@ -303,6 +310,7 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         self_study=args.fold_in_self_study,
         written=args.fold_in_written,
         max_examples=args.fold_in_max_examples,
+        precision=args.fold_in_precision,
     )
 
 
@@ -425,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--epochs", type=float, default=2.0)
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument("--lr", type=float, default=2e-3)
+    fit.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default="float32",
+        help="the steps' matrix products; auto: bfloat16 where the hardware has it (default float32)",
+    )
     fit.add_argument("--half", action="store_true", help="store U, V and the encoder as float16 (half the size)")
     fit.set_defaults(func=cmd_fit)
 

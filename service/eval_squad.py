@@ -33,7 +33,7 @@ from adapters.corpus import QA, Document, load_squad
 from adapters.errors import InvalidInputError
 from adapters.examples import ANSWER_END, spread
 from adapters.metrics import contained, exact_match, f1, normalize_answer
-from adapters.training import FoldInConfig, build_examples, fold_in, fold_in_steps
+from adapters.training import FoldInConfig, build_examples, fold_in, fold_in_steps, resolved_precision
 from service.metrics import Metrics
 from service.protocol import Mode
 from service.runtime import Runtime
@@ -190,6 +190,7 @@ class SquadEval:
                 "adapter_config": rt.adapter.config.model_dump(),
                 "fold_in": rt.settings.fold_in.model_dump(),
                 "fold_in_steps": fold_in_steps(rt.adapter, rt.settings.fold_in),
+                "fold_in_precision": resolved_precision(rt.base.model, rt.settings.fold_in.precision),
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },
@@ -429,7 +430,8 @@ def _fold_in_method(cfg: dict[str, Any]) -> str:
     sources = [f"{fold[k]} {name}" for k, name in (("self_study", "self-study"), ("written", "written")) if fold.get(k)]
     made = " + ".join([*sources, fold["examples"]])
     distill = f" + context distillation x{fold['distill']}" if fold.get("distill") else ""
-    return f"{'encoder + ' if encoder else ''}{steps} steps on {made} examples{distill}, lr {fold['lr']}"
+    precision = f", {cfg['fold_in_precision']}" if cfg.get("fold_in_precision") == "bfloat16" else ""
+    return f"{'encoder + ' if encoder else ''}{steps} steps on {made} examples{distill}, lr {fold['lr']}{precision}"
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from adapters.encoder import EncoderConfig
 from adapters.errors import CheckpointError, InvalidInputError
 from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
-from adapters.training import FitConfig, FoldInConfig, build_examples, fit, fold_in
+from adapters.training import FitConfig, FoldInConfig, build_examples, fit, fold_in, resolved_precision, step_precision
 
 TEXT = "The Eiffel Tower in Paris was completed in 1889 by Gustave Eiffel for the World Fair."
 
@@ -49,17 +49,25 @@ def test_fold_in_rejects_empty_text(tiny: BaseModel, tiny_adapter: PluginAdapter
 
 def test_fold_in_of_several_documents_equals_one_at_a_time(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
     texts = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
-    together = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, texts, FoldInConfig(steps=5, lr=0.2))
+    together = fold_in(
+        tiny_adapter, tiny.model, tiny.tokenizer, texts, FoldInConfig(steps=5, lr=0.2, precision="float32")
+    )
     for text, joint in zip(texts, together, strict=True):
-        [alone] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [text], FoldInConfig(steps=5, lr=0.2))
+        [alone] = fold_in(
+            tiny_adapter, tiny.model, tiny.tokenizer, [text], FoldInConfig(steps=5, lr=0.2, precision="float32")
+        )
         assert abs(alone.loss - joint.loss) < 1e-3
 
 
 def test_fold_in_reports_the_loss_of_the_starting_plugin_as_initial(
     tiny: BaseModel, tiny_adapter: PluginAdapter
 ) -> None:
-    [still] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=1, lr=1e-9))
-    [moved] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=3, lr=0.3))
+    [still] = fold_in(
+        tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=1, lr=1e-9, precision="float32")
+    )
+    [moved] = fold_in(
+        tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=3, lr=0.3, precision="float32")
+    )
     assert still.loss is not None and moved.loss is not None and moved.initial_loss is not None
     assert abs(still.loss - still.initial_loss) < 1e-4  # a step that barely moves x: the same loss before and after
     assert abs(moved.initial_loss - still.initial_loss) < 1e-5  # before any step, whatever the steps do
@@ -77,7 +85,7 @@ def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(
             tiny.model,
             tiny.tokenizer,
             texts,
-            FoldInConfig(steps=4, lr=0.2, micro_batch=size, distill=distill),
+            FoldInConfig(steps=4, lr=0.2, micro_batch=size, distill=distill, precision="float32"),
         )
         for size in (1, 3, 1000)
     ]
@@ -85,6 +93,35 @@ def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(
         for a, b in zip(runs[0], other, strict=True):
             assert abs(a.loss - b.loss) < 1e-4
             assert float(abs(a.plugin - b.plugin).max()) < 1e-4
+
+
+def test_bfloat16_fold_in_lands_near_float32_and_keeps_plugins_float32(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
+) -> None:
+    runs = {
+        p: fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=6, lr=0.3, precision=p))[0]
+        for p in ("float32", "bfloat16")
+    }
+    full, half = runs["float32"], runs["bfloat16"]
+    assert half.plugin.dtype == "float32" and half.loss is not None and half.initial_loss is not None
+    assert half.loss < half.initial_loss - 0.05
+    assert abs(half.initial_loss - full.initial_loss) < 0.05  # bfloat16 keeps ~3 digits: close, not equal
+    assert float(abs(half.plugin - full.plugin).max()) > 0
+    cos = torch.nn.functional.cosine_similarity(
+        torch.from_numpy(half.plugin).flatten(), torch.from_numpy(full.plugin).flatten(), dim=0
+    )
+    assert cos > 0.95
+
+
+def test_step_precision_switches_autocast_for_the_steps_only(tiny: BaseModel) -> None:
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    with step_precision(tiny.model, "bfloat16"):
+        assert (a @ b).dtype == torch.bfloat16
+    assert (a @ b).dtype == torch.float32
+    with step_precision(tiny.model, "float32"):
+        assert (a @ b).dtype == torch.float32
+    assert resolved_precision(tiny.model, "auto") in {"float32", "bfloat16"}
+    assert resolved_precision(tiny.model, "float32") == "float32"
 
 
 def test_fit_learns_shared_matrices_and_leaves_base_untouched(tiny: BaseModel) -> None:
@@ -136,6 +173,21 @@ def test_fit_with_a_store_builder_writes_x_from_the_text_alone(store: str | None
         plugins.append(report.plugins)
     gap = float(abs(plugins[0] - plugins[1]).max())
     assert (gap < 1e-6) if store else (gap > 1e-3)
+
+
+def test_bfloat16_fit_follows_the_float32_one_and_keeps_weights_float32() -> None:
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        tiny = tiny_model(seed=0)
+        adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-2, -1], seed=3))
+        config = FitConfig(epochs=4, batch_size=2, lr=3e-3, x_lr=0.1, store="questions", precision=precision)
+        report = fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), config, progress=False)
+        assert all(p.dtype == torch.float32 for p in adapter.shared_parameters())
+        assert report.plugins is not None and report.plugins.dtype == "float32"
+        losses[precision] = report.losses
+    half, full = losses["bfloat16"], losses["float32"]
+    assert sum(half[-3:]) < sum(half[:3])
+    assert abs(half[0] - full[0]) < 0.05 * full[0] and half != full  # rounded, not another computation
 
 
 def test_fit_with_a_store_builder_needs_free_plugins(tiny: BaseModel) -> None:
@@ -231,7 +283,7 @@ def test_learned_keys_are_fitted_saved_and_frozen_in_fold_in(tmp_path: Path) -> 
     for m, n in zip(adapter.plugin_modules, loaded.plugin_modules, strict=True):
         torch.testing.assert_close(m.A, n.A)
     fitted = _shared(loaded)
-    fold_in(loaded, fresh.model, fresh.tokenizer, [TEXT], FoldInConfig(steps=3, lr=0.3))
+    fold_in(loaded, fresh.model, fresh.tokenizer, [TEXT], FoldInConfig(steps=3, lr=0.3, precision="float32"))
     for before, after in zip(fitted, loaded.shared_parameters(), strict=True):
         assert torch.equal(before, after) and after.grad is None  # fold-in neither moves nor differentiates them
 
