@@ -161,7 +161,7 @@ class PluginAdapter(nn.Module):
     @property
     def plugin_bytes(self) -> int:
         m, r = self.plugin_shape
-        return m * r * 2  # float16 at rest, as the store keeps plugins (index/store.py PLUGIN_DTYPE)
+        return m * r * 2  # float16 at rest, the store's default format (index/codec.py)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """U and V of every module (A too when learned, and the encoder's weights): what fit learns, what fold-in

@@ -18,23 +18,23 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import faiss
 import numpy as np
 
 from adapters.errors import ConflictError, InvalidInputError, NotFoundError, StoreCorruptError
+from index import codec
+from index.codec import PluginFormat
 from index.vectors import IndexKind, VectorIndex
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "store.sqlite3"
 INDEX_FILE = "index.faiss"
-SCHEMA_VERSION = 2  # 2: plugins stored as float16 (1: float32, migrated on open)
-# float16 halves a plugin (16 KB holds 8,192 numbers): fold-in's x has |x| of order 1-10, where float16 keeps
-# three significant digits, and a composition is computed in float32 from the stored values
-PLUGIN_DTYPE = np.float16
-PLUGIN_MAX = float(np.finfo(PLUGIN_DTYPE).max)
+# 3: the plugin format (index/codec.py) recorded in meta; 2: float16 plugins, no record; 1: float32. Both migrate
+# on open. float16 by default: fold-in's x has |x| of order 1-10, where it keeps three significant digits.
+SCHEMA_VERSION = 3
 OnConflict = Literal["overwrite", "skip", "fail"]
 
 SCHEMA = """
@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS documents (
 );
 CREATE TABLE IF NOT EXISTS plugins (
     num INTEGER PRIMARY KEY REFERENCES documents(num) ON DELETE CASCADE,
-    vector BLOB NOT NULL,  -- float16, M x r
+    vector BLOB NOT NULL,  -- M x r in the store's plugin format
     norm REAL NOT NULL,
     adapter_id TEXT NOT NULL,
     loss REAL
@@ -75,15 +75,6 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def encode_plugin(plugin: np.ndarray) -> bytes:
-    return np.ascontiguousarray(plugin, dtype=PLUGIN_DTYPE).tobytes()
-
-
-def decode_plugin(blob: bytes) -> np.ndarray:
-    """A stored plugin as a flat float32 vector (M*r,)."""
-    return np.frombuffer(blob, dtype=PLUGIN_DTYPE).astype(np.float32)
-
-
 @dataclass
 class StoredDocument:
     id: str
@@ -93,7 +84,7 @@ class StoredDocument:
     content_hash: str
     created_at: float
     updated_at: float
-    plugin: np.ndarray | None  # (M, r) float32, from the stored float16
+    plugin: np.ndarray | None  # (M, r) float32, decoded from the store's format
     norm: float | None
     adapter_id: str | None
     loss: float | None
@@ -123,10 +114,12 @@ class PluginStore:
         adapter_id: str,
         index_kind: IndexKind = "auto",
         snapshot_every: int = 200,
+        plugin_format: PluginFormat = "float16",  # for a new store; an existing one keeps the format it records
     ) -> None:
         self.folder = folder
         self.dim = dim
         self.plugin_shape = plugin_shape
+        self.plugin_format = plugin_format
         self.adapter_id = adapter_id
         self.snapshot_every = snapshot_every
         self._lock = threading.RLock()
@@ -167,13 +160,22 @@ class PluginStore:
                     "schema_version": SCHEMA_VERSION,
                     "dim": self.dim,
                     "adapter_id": self.adapter_id,
+                    "plugin_format": self.plugin_format,
                 }.items():
                     self._db.execute("INSERT INTO meta VALUES (?, ?)", (key, str(value)))
             return
-        if int(meta["schema_version"]) == 1:
-            self._migrate_float32_plugins()
-        elif int(meta["schema_version"]) != SCHEMA_VERSION:
-            raise StoreCorruptError(f"store schema {meta['schema_version']}, this version reads {SCHEMA_VERSION}")
+        version, asked = int(meta["schema_version"]), self.plugin_format
+        if version in (1, 2):
+            self._migrate(version)
+        elif version != SCHEMA_VERSION:
+            raise StoreCorruptError(f"store schema {version}, this version reads {SCHEMA_VERSION}")
+        else:
+            recorded = meta["plugin_format"]
+            if recorded not in codec.FORMATS:
+                raise StoreCorruptError(f"store plugin format {recorded!r}, this version reads {codec.FORMATS}")
+            self.plugin_format = cast(PluginFormat, recorded)
+        if self.plugin_format != asked:
+            log.warning("the store keeps plugins as %s; %s applies to new stores only", self.plugin_format, asked)
         if int(meta["dim"]) != self.dim:
             raise ConflictError(f"store embeddings have {meta['dim']} dimensions, the embedder gives {self.dim}")
         stale = self.stale_count()
@@ -185,19 +187,33 @@ class PluginStore:
                 self.adapter_id,
             )
 
-    def _migrate_float32_plugins(self) -> None:
-        """Schema 1 -> 2: rewrite every float32 plugin as float16, in one transaction (a crash leaves schema 1)."""
+    def _migrate(self, version: int) -> None:
+        """Schema 1 or 2 -> 3, in one transaction (a crash leaves the old schema): float32 plugins (1) are rewritten
+        as float16, and the format, float16, is recorded."""
+        self.plugin_format = "float16"
         with self._tx():
-            rows = self._db.execute("SELECT num, vector FROM plugins").fetchall()
+            rows = self._db.execute("SELECT num, vector FROM plugins").fetchall() if version == 1 else []
             for num, blob in rows:
                 # clip: a value beyond float16's range would become inf; none of fold-in's plugins comes near it
-                half = encode_plugin(np.clip(np.frombuffer(blob, dtype=np.float32), -PLUGIN_MAX, PLUGIN_MAX))
+                top = codec.MAX_VALUE["float16"]
+                half = codec.encode(np.clip(np.frombuffer(blob, dtype=np.float32), -top, top), "float16")
                 self._db.execute(
                     "UPDATE plugins SET vector = ?, norm = ? WHERE num = ?",
-                    (half, float(np.linalg.norm(decode_plugin(half))), num),
+                    (half, float(np.linalg.norm(codec.decode(half, "float16"))), num),
                 )
             self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
-        log.info("store schema 1 -> %d: %d plugins rewritten as float16", SCHEMA_VERSION, len(rows))
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('plugin_format', 'float16')")
+        log.info("store schema %d -> %d: %d plugins rewritten as float16", version, SCHEMA_VERSION, len(rows))
+
+    @property
+    def plugin_bytes(self) -> int:
+        return self.plugin_shape[0] * self.plugin_shape[1] * codec.ITEMSIZE[self.plugin_format]
+
+    def _encode(self, plugin: np.ndarray) -> bytes:
+        return codec.encode(plugin, self.plugin_format)
+
+    def _decode(self, blob: bytes) -> np.ndarray:
+        return codec.decode(blob, self.plugin_format)
 
     def _load_index(self) -> None:
         path = self.folder / INDEX_FILE
@@ -336,7 +352,7 @@ class PluginStore:
                         )
                     self._db.execute(
                         "INSERT OR REPLACE INTO plugins VALUES (?, ?, ?, ?, ?)",
-                        (num, encode_plugin(plugin), float(np.linalg.norm(plugin)), self.adapter_id, loss),
+                        (num, self._encode(plugin), float(np.linalg.norm(plugin)), self.adapter_id, loss),
                     )
                     self._db.execute("INSERT INTO changes (op, num) VALUES ('put', ?)", (num,))
                     statuses.append("created" if row is None else "updated")
@@ -364,10 +380,13 @@ class PluginStore:
             )
         if not (np.isfinite(embedding).all() and np.isfinite(plugin).all()):
             raise InvalidInputError(f"document {doc_id!r}: non-finite embedding or plugin")
-        if np.abs(plugin).max(initial=0.0) > PLUGIN_MAX:
-            raise InvalidInputError(f"document {doc_id!r}: plugin values beyond float16's range ({PLUGIN_MAX:g})")
-        # the norm is stored beside the vector: take both from the float16 values that are kept
-        return doc_id, text, metadata, embedding, decode_plugin(encode_plugin(plugin)).reshape(plugin.shape), loss
+        top = codec.MAX_VALUE[self.plugin_format]
+        if np.abs(plugin).max(initial=0.0) > top:
+            raise InvalidInputError(
+                f"document {doc_id!r}: plugin values beyond the range of {self.plugin_format} ({top:g})"
+            )
+        # the norm is stored beside the vector: take both from the rounded values that are kept
+        return doc_id, text, metadata, embedding, self._decode(self._encode(plugin)).reshape(plugin.shape), loss
 
     def delete(self, doc_id: str) -> None:
         with self._lock:
@@ -394,7 +413,7 @@ class PluginStore:
         return [
             StoredDocument(
                 r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6],
-                None if r[7] is None else decode_plugin(r[7]).reshape(self.plugin_shape),
+                None if r[7] is None else self._decode(r[7]).reshape(self.plugin_shape),
                 r[8], r[9], r[10],
             )
             for r in rows
@@ -446,7 +465,7 @@ class PluginStore:
                 f"WHERE p.adapter_id = ? AND d.id IN ({','.join('?' * len(doc_ids))})",
                 [self.adapter_id, *doc_ids],
             ).fetchall()
-        return {r[0]: decode_plugin(r[1]).reshape(self.plugin_shape) for r in rows}
+        return {r[0]: self._decode(r[1]).reshape(self.plugin_shape) for r in rows}
 
     # ---- plugin analytics ---------------------------------------------------------------------------------
 
@@ -459,7 +478,7 @@ class PluginStore:
             ).fetchall()
         ids = [r[0] for r in rows]
         size = self.plugin_shape[0] * self.plugin_shape[1]
-        matrix = np.stack([decode_plugin(r[1]) for r in rows]) if rows else np.zeros((0, size), np.float32)
+        matrix = np.stack([self._decode(r[1]) for r in rows]) if rows else np.zeros((0, size), np.float32)
         return ids, matrix  # (N, M*r)
 
     def uniqueness(self, doc_id: str) -> tuple[float, float]:

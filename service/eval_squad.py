@@ -34,6 +34,7 @@ from adapters.errors import InvalidInputError
 from adapters.examples import ANSWER_END, spread
 from adapters.metrics import contained, exact_match, f1, normalize_answer
 from adapters.training import FoldInConfig, build_examples, fold_in, fold_in_steps, resolved_precision
+from index.codec import PluginFormat
 from service.metrics import Metrics
 from service.protocol import Mode
 from service.runtime import Runtime
@@ -81,6 +82,7 @@ class EvalOptions:
     batch: int = 32
     model: str = "smollm2"
     fold_in: FoldInConfig | None = None
+    plugin_format: PluginFormat = "float16"
     capacity_paragraphs: int = 12
     runs: Sequence[tuple[Mode, str]] = tuple(RUNS)
 
@@ -127,6 +129,7 @@ class SquadEval:
             queue_size=10**6,
             request_timeout_s=10**6,
             fold_in=fold,
+            plugin_format=options.plugin_format,
         )
         self.runtime = Runtime(settings, Metrics())
 
@@ -171,7 +174,7 @@ class SquadEval:
             "results": results,
             "retrieval_recall_at_k": recall,
             "fold_in_seconds_per_doc": fold_s,
-            "bytes_per_plugin": rt.adapter.plugin_bytes,
+            "bytes_per_plugin": rt.store.plugin_bytes,
             **analysis,
             "config": {
                 "data": str(o.data),
@@ -191,6 +194,7 @@ class SquadEval:
                 "fold_in": rt.settings.fold_in.model_dump(),
                 "fold_in_steps": fold_in_steps(rt.adapter, rt.settings.fold_in),
                 "fold_in_precision": resolved_precision(rt.base.model, rt.settings.fold_in.precision),
+                "plugin_format": rt.store.plugin_format,
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },
@@ -449,7 +453,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Retrieval recall@{cfg['top_k']}: {report['retrieval_recall_at_k']:.3f}. "
         f"Fold-in ({_fold_in_method(cfg)}): {report['fold_in_seconds_per_doc']:.3f} s per paragraph. "
-        f"Plugin: {report['bytes_per_plugin']} bytes.",
+        f"Plugin: {report['bytes_per_plugin']} bytes ({cfg.get('plugin_format', 'float16')}).",
         f"Nearest neighbour from the same article: plugins {sim['plugin_nn_same_article']:.3f}, "
         f"MiniLM embeddings {sim['embedding_nn_same_article']:.3f} (chance {sim['chance']:.3f}).",
     ]

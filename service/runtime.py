@@ -59,7 +59,12 @@ class Runtime:
         self.engine.call(self._load_models).result()  # torch runs on the engine's thread only
         assert self.adapter.checkpoint_id is not None
         self.store = PluginStore(
-            s.data_dir / "store", self.embedder.dim, self.adapter.plugin_shape, self.adapter.checkpoint_id, s.index_kind
+            s.data_dir / "store",
+            self.embedder.dim,
+            self.adapter.plugin_shape,
+            self.adapter.checkpoint_id,
+            s.index_kind,
+            plugin_format=s.plugin_format,
         )
         self.engine.bind(self.base.model, self.base.tokenizer, self.adapter)
         self.registrar = Registrar(
@@ -74,7 +79,7 @@ class Runtime:
             self.base.identity.name,
             self.adapter.checkpoint_id,
             len(self.adapter.module_names),
-            self.adapter.plugin_bytes,
+            self.store.plugin_bytes,
             self.store.count(),
         )
 

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.training import FoldInConfig
+from index.codec import PluginFormat
 
 
 def default_data_dir() -> Path:
@@ -26,6 +27,7 @@ class Settings(BaseSettings):
     adapter: Path | None = None  # default: DATA_DIR/adapter if present, else the shipped default adapter
     embedder: str = "minilm"  # "minilm" (the packaged all-MiniLM-L6-v2) or a sentence-transformers folder
     index_kind: Literal["flat", "ivf", "auto"] = "auto"
+    plugin_format: PluginFormat = "float16"  # how a new store keeps plugins: float16, or float8 (half the bytes)
     fold_in: FoldInConfig = Field(default_factory=FoldInConfig)
 
     host: str = "127.0.0.1"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -10,7 +9,7 @@ from adapters.adapter import AdapterConfig, PluginAdapter
 from adapters.base_model import BaseModel, tiny_model
 from adapters.corpus import parse_range
 from adapters.plugin import compose, delta_weight, low_rank_delta, modulated_forward, retrieval_weights, subspace
-from index.store import PLUGIN_DTYPE
+from index import codec
 
 
 def _module(out_f: int = 12, in_f: int = 10, r: int = 3) -> tuple[torch.Tensor, ...]:
@@ -106,7 +105,7 @@ def test_two_layer_ranges_adapt_both_and_size_the_plugin() -> None:
     adapter = PluginAdapter(tiny_model(layers=6), config)
     assert adapter.layer_ids == [1, 2, 4, 5]
     assert [n.split(".")[1] for n in adapter.module_names] == ["1", "1", "2", "2", "4", "4", "5", "5"]
-    assert adapter.plugin_shape == (8, 3) and adapter.plugin_bytes == 8 * 3 * np.dtype(PLUGIN_DTYPE).itemsize == 48
+    assert adapter.plugin_shape == (8, 3) and adapter.plugin_bytes == 8 * 3 * codec.ITEMSIZE["float16"] == 48
     assert adapter.lowest_layer == 1
 
 

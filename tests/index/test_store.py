@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from adapters.errors import ConflictError, InvalidInputError, NotFoundError, StoreCorruptError
-from index.store import DB_FILE, INDEX_FILE, PLUGIN_DTYPE, PluginStore, content_hash
+from index import codec
+from index.store import DB_FILE, INDEX_FILE, PluginStore, content_hash
 from index.vectors import VectorIndex
 
 DIM, SHAPE = 16, (3, 4)
@@ -274,7 +275,7 @@ def test_plugins_are_kept_as_float16(tmp_path: Path) -> None:
     plugin = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32) * 5
     store.put("doc-0", "text", {}, _unit(np.random.default_rng(1), 1)[0], plugin)
     blob = store._db.execute("SELECT vector FROM plugins").fetchone()[0]
-    assert len(blob) == np.prod(SHAPE) * np.dtype(PLUGIN_DTYPE).itemsize == np.prod(SHAPE) * 2
+    assert len(blob) == store.plugin_bytes == np.prod(SHAPE) * 2
     back = store.get("doc-0")
     assert back.plugin is not None and back.plugin.dtype == np.float32
     np.testing.assert_array_equal(back.plugin, plugin.astype(np.float16).astype(np.float32))
@@ -296,11 +297,13 @@ def test_a_schema_1_store_is_migrated_to_float16_plugins(tmp_path: Path) -> None
                 (plugin.tobytes(), float(np.linalg.norm(plugin)), f"doc-{i}"),
             )
         store._db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        store._db.execute("DELETE FROM meta WHERE key = 'plugin_format'")
     store.close()
 
-    reopened = _store(tmp_path)
-    version = reopened._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-    assert version == "2" and reopened.count() == 5
+    reopened = _store(tmp_path, plugin_format="float8")  # an old store keeps float16 whatever a new one would use
+    meta = dict(reopened._db.execute("SELECT key, value FROM meta").fetchall())
+    assert meta["schema_version"] == "3" and meta["plugin_format"] == "float16" and reopened.count() == 5
+    assert reopened.plugin_format == "float16"
     for i, plugin in plugins.items():
         doc = reopened.get(f"doc-{i}")
         assert doc.plugin is not None
@@ -308,10 +311,52 @@ def test_a_schema_1_store_is_migrated_to_float16_plugins(tmp_path: Path) -> None
         assert doc.norm == pytest.approx(float(np.linalg.norm(doc.plugin)), rel=1e-6)
         assert reopened.search(vectors[f"doc-{i}"], 1)[0][0] == f"doc-{i}"
     reopened.close()
-    # a second open finds schema 2 and leaves the float16 blobs alone (read as float32 they would not even reshape)
+    # a second open finds schema 3 and leaves the float16 blobs alone (read as float32 they would not even reshape)
     again = _store(tmp_path).get("doc-0").plugin
     assert again is not None
     np.testing.assert_array_equal(again, plugins[0].astype(np.float16).astype(np.float32))
+
+
+def test_a_schema_2_store_records_float16_and_keeps_its_plugins(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _fill(store, 3)
+    before = {f"doc-{i}": store.get(f"doc-{i}").plugin for i in range(3)}
+    with store._tx():
+        store._db.execute("DELETE FROM meta WHERE key = 'plugin_format'")
+        store._db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    store.close()
+    reopened = _store(tmp_path)
+    meta = dict(reopened._db.execute("SELECT key, value FROM meta").fetchall())
+    assert (meta["schema_version"], meta["plugin_format"]) == ("3", "float16")
+    for doc_id, plugin in before.items():
+        np.testing.assert_array_equal(reopened.get(doc_id).plugin, plugin)
+
+
+def test_float8_stores_one_byte_a_number_and_rounds_as_torch_does(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    np.testing.assert_array_equal(codec.E4M3, table)  # NaN codes included
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 3, 5000), codec.E4M3[1:126] / 2 + codec.E4M3[2:127] / 2]).astype(np.float32)
+    reference = torch.from_numpy(values).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    assert codec.encode(values, "float8") == reference.tobytes()  # ties included: to the even code
+
+    store = _store(tmp_path, plugin_format="float8")
+    plugin = rng.standard_normal(SHAPE).astype(np.float32) * 5
+    store.put("doc-0", "text", {}, _unit(rng, 1)[0], plugin)
+    blob = store._db.execute("SELECT vector FROM plugins").fetchone()[0]
+    assert len(blob) == store.plugin_bytes == np.prod(SHAPE)
+    back = store.get("doc-0").plugin
+    assert back is not None and back.dtype == np.float32
+    assert np.abs(back - plugin).max() > 0 and np.all(np.abs(back - plugin) <= np.abs(plugin) / 16 + 2.0**-10)
+    assert store.get("doc-0").norm == pytest.approx(float(np.linalg.norm(back)), rel=1e-6)
+    with pytest.raises(InvalidInputError, match="range of float8"):
+        store.put("doc-1", "text", {}, _unit(rng, 1)[0], np.full(SHAPE, 500.0, np.float32))
+    assert store.count() == 1
+    store.close()
+    reopened = _store(tmp_path)  # the recorded format wins over the default
+    assert reopened.plugin_format == "float8"
+    np.testing.assert_array_equal(reopened.get("doc-0").plugin, back)
 
 
 def test_an_unknown_schema_is_refused(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from service.eval_squad import (
     answer_sources,
     compare_answers,
     eval_squad,
+    markdown,
     paired,
     parse_runs,
     sample_paragraphs,
@@ -143,6 +144,20 @@ def test_coverage_says_which_questions_the_fold_in_examples_ask(tmp_path: Path) 
     )
     assert first["questions_covered"] == 0.0 and first["plugins/oracle contained, covered"] is None
     assert coverage(1, "about")["questions_covered"] == 1.0
+
+
+def test_eval_keeps_plugins_in_the_format_asked_and_reports_their_bytes(tmp_path: Path) -> None:
+    _squad(tmp_path / "squad.json")
+    PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
+    fold = FoldInConfig(steps=1)
+    runs = [("plugins", "oracle")]
+    options = _options(
+        tmp_path, max_paragraphs=2, max_new_tokens=2, capacity_paragraphs=0, fold_in=fold, runs=runs,
+        plugin_format="float8",
+    )  # fmt: skip
+    report = eval_squad(options, None)
+    assert report["bytes_per_plugin"] == 1 * 4 and report["config"]["plugin_format"] == "float8"
+    assert "(float8)" in markdown(report)
 
 
 def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
