@@ -33,6 +33,8 @@ from adapters.forward import IGNORE, CausalLM, embed, label_nll, run_layers, tar
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
+Precision = Literal["auto", "float32", "bfloat16"]  # of the steps' matrix products; see step_precision
+
 
 class FoldInConfig(Schema):
     model_config = ConfigDict(extra="forbid")
@@ -50,7 +52,7 @@ class FoldInConfig(Schema):
     # The steps' matrix products: bfloat16 autocast (x, its optimiser and the losses stay float32) halves fold-in on
     # a CPU with bfloat16 instructions and moves plugins by about 1% (README, "Fold-in in bfloat16").
     # auto: bfloat16 where the hardware has it, float32 elsewhere, where emulated bfloat16 would be slower.
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    precision: Precision = "auto"
 
 
 class FitConfig(Schema):
@@ -72,7 +74,7 @@ class FitConfig(Schema):
     max_len: int = Field(256, ge=8)
     seed: int = 0
     # as FoldInConfig.precision; float32 by default until a bfloat16 fit is compared with a float32 one
-    precision: Literal["auto", "float32", "bfloat16"] = "float32"
+    precision: Precision = "float32"
 
 
 @dataclass
@@ -196,14 +198,14 @@ def _bf16_native(device: torch.device) -> bool:
     return device.type == "cpu" and check is not None and bool(check())
 
 
-def resolved_precision(model: CausalLM, precision: str) -> str:
+def resolved_precision(model: CausalLM, precision: Precision) -> str:
     """What "auto" means on the model's device: bfloat16 or float32."""
     if precision != "auto":
         return precision
     return "bfloat16" if _bf16_native(next(model.parameters()).device) else "float32"
 
 
-def step_precision(model: CausalLM, precision: str) -> contextlib.AbstractContextManager[object]:
+def step_precision(model: CausalLM, precision: Precision) -> contextlib.AbstractContextManager[object]:
     """The context fold-in's steps run in: bfloat16 autocast or plain float32."""
     if resolved_precision(model, precision) == "float32":
         return contextlib.nullcontext()

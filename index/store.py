@@ -193,9 +193,9 @@ class PluginStore:
         self.plugin_format = "float16"
         with self._tx():
             rows = self._db.execute("SELECT num, vector FROM plugins").fetchall() if version == 1 else []
+            top = codec.MAX_VALUE["float16"]
             for num, blob in rows:
                 # clip: a value beyond float16's range would become inf; none of fold-in's plugins comes near it
-                top = codec.MAX_VALUE["float16"]
                 half = codec.encode(np.clip(np.frombuffer(blob, dtype=np.float32), -top, top), "float16")
                 self._db.execute(
                     "UPDATE plugins SET vector = ?, norm = ? WHERE num = ?",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.errors import CheckpointError, KplugError
+from index.codec import FORMATS
 
 if TYPE_CHECKING:
     from adapters.training import FoldInConfig
@@ -515,9 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--max-new-tokens", type=int, default=24)
     squad.add_argument("--batch", type=int, default=32)
     squad.add_argument("--capacity-paragraphs", type=int, default=12, help="0 skips the gold-question diagnostic")
-    squad.add_argument(
-        "--plugin-format", choices=["float16", "float8"], default="float16", help="how the store keeps plugins"
-    )
+    squad.add_argument("--plugin-format", choices=FORMATS, default="float16", help="how the store keeps plugins")
     _add_fold_in_args(squad)
     squad.add_argument("--runs", default=None, help="mode/retrieval subset: none/none,plugins/oracle,...")
     squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")
