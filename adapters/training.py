@@ -71,6 +71,8 @@ class FitConfig(Schema):
     store_written: int = Field(0, ge=0)
     l2: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    # U, V's gradient norm is clipped to this (None: not clipped); a rank-512 fit at lr 2e-3 diverged without it
+    clip: float | None = Field(None, gt=0)
     max_len: int = Field(256, ge=8)
     seed: int = 0
     # as FoldInConfig.precision; float32 by default until a bfloat16 fit is compared with a float32 one
@@ -381,6 +383,8 @@ def fit(
             for opt in opts:
                 opt.zero_grad()
             loss.backward()
+            if config.clip is not None:
+                torch.nn.utils.clip_grad_norm_(adapter.shared_parameters(), config.clip)
             for opt in opts:
                 opt.step()
             losses.append(nll.item())

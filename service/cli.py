@@ -92,6 +92,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         x_lr=args.x_lr,
+        clip=args.clip,
         store=args.store,
         store_examples=args.store_examples,
         store_written=args.store_written,
@@ -435,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--epochs", type=float, default=2.0)
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument("--lr", type=float, default=2e-3)
+    fit.add_argument("--clip", type=float, default=None, help="clip U, V's gradient norm to this (default: off)")
     fit.add_argument(
         "--precision",
         choices=["auto", "float32", "bfloat16"],

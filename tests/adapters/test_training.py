@@ -190,6 +190,20 @@ def test_bfloat16_fit_follows_the_float32_one_and_keeps_weights_float32() -> Non
     assert abs(half[0] - full[0]) < 0.05 * full[0] and half != full  # rounded, not another computation
 
 
+def test_fit_clips_the_shared_gradient_norm() -> None:
+    """Adam divides out a gradient's scale, except against its eps: a norm clipped far below eps barely moves U, V,
+    which shows the clip is applied to the step (a clip of 1 leaves this fit's steps as they were)."""
+    moved = {}
+    for clip in (None, 1e-12):
+        tiny = tiny_model(seed=0)
+        adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-2, -1], seed=3))
+        before = _shared(adapter)
+        config = FitConfig(epochs=2, batch_size=2, lr=3e-3, x_lr=0.1, store="questions", clip=clip)
+        fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), config, progress=False)
+        moved[clip] = sum(float((a - b).abs().sum()) for a, b in zip(adapter.shared_parameters(), before, strict=True))
+    assert moved[None] > 0 and moved[1e-12] < 0.01 * moved[None]
+
+
 def test_fit_with_a_store_builder_needs_free_plugins(tiny: BaseModel) -> None:
     config = AdapterConfig(rank=4, layers=[-1], encoder=EncoderConfig(layer=1, hidden=32))
     with pytest.raises(InvalidInputError, match="without an encoder"):
