@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 from adapters.errors import CheckpointError, KplugError
 from index.codec import FORMATS
 
+# adapters.training.Precision, spelled out: importing it would load torch for every command
+PRECISIONS = ("auto", "float32", "bfloat16")
+
 if TYPE_CHECKING:
     from adapters.training import FoldInConfig
 
@@ -295,7 +298,7 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fold-in-precision",
-        choices=["auto", "float32", "bfloat16"],
+        choices=PRECISIONS,
         default="auto",
         help="the steps' matrix products; auto: bfloat16 where the hardware has it (default auto)",
     )
@@ -439,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--clip", type=float, default=None, help="clip U, V's gradient norm to this (default: off)")
     fit.add_argument(
         "--precision",
-        choices=["auto", "float32", "bfloat16"],
+        choices=PRECISIONS,
         default="float32",
         help="the steps' matrix products; auto: bfloat16 where the hardware has it (default float32)",
     )

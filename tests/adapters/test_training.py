@@ -192,7 +192,7 @@ def test_bfloat16_fit_follows_the_float32_one_and_keeps_weights_float32() -> Non
 
 def test_fit_clips_the_shared_gradient_norm() -> None:
     """Adam divides out a gradient's scale, except against its eps: a norm clipped far below eps barely moves U, V,
-    which shows the clip is applied to the step (a clip of 1 leaves this fit's steps as they were)."""
+    which shows the clip is applied to the step."""
     moved = {}
     for clip in (None, 1e-12):
         tiny = tiny_model(seed=0)
