@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,6 +69,11 @@ class FitConfig(Schema):
     store_examples: int | None = Field(16, ge=1)  # per document, spread over it as fold-in does
     # of those, questions asked by the adapter's question writer (as fold-in's `written`), the builder's the rest
     store_written: int = Field(0, ge=0)
+    # Nested fit (needs `store`): each step folds its batch_size documents in as registration will (this many
+    # steps at nested_lr from x = 0, U, V frozen), then trains U, V on their `examples` read through those plugins,
+    # held constant (first order). 0: a free x per document, written over the epochs instead.
+    nested: int = Field(0, ge=0)
+    nested_lr: float = Field(1.0, gt=0)
     l2: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     # U, V's gradient norm is clipped to this (None: not clipped); with lr 1e-3 it kept the rank-512 fit from the
@@ -333,6 +338,8 @@ def fit(
     examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
         raise InvalidInputError(f"no {config.examples!r} training examples in the fitting corpus")
+    if config.nested:
+        return _fit_nested(adapter, model, tokenizer, docs, examples, config, progress)
     n_read = len(examples)  # with a store builder, examples from n_read on are the ones that write x
     if config.store is not None:
         if adapter.encoder is not None:
@@ -353,16 +360,13 @@ def fit(
         free_x = torch.nn.Embedding(len(docs), int(np.prod(adapter.plugin_shape)), sparse=True)
         torch.nn.init.zeros_(free_x.weight)
         opts.append(torch.optim.SparseAdam(free_x.parameters(), lr=config.x_lr))
-    for p in adapter.shared_parameters():
-        p.requires_grad_(True)
-    opts.append(torch.optim.AdamW(adapter.shared_parameters(), lr=config.lr, weight_decay=config.weight_decay))
+    opts.append(_shared_optimizer(adapter, config))
     total = max(1, int(config.epochs * len(examples) / config.batch_size))
     lengths = [len(e.ids) for e in examples]
     queue: list[list[int]] = []
     losses: list[float] = []
     bar = tqdm(range(total), desc="fit", disable=not progress)
-    adapter.train()
-    try:
+    with _training(adapter):
         for _ in bar:
             if not queue:
                 queue = _length_grouped(lengths, config.batch_size, rng)
@@ -381,21 +385,97 @@ def fit(
             with precision, adapter.use(z):
                 nll = target_nll(model, h, mask, labels, adapter.lowest_layer).float().mean()
             loss = nll + config.l2 * (z**2).sum(dim=(1, 2)).mean()
-            for opt in opts:
-                opt.zero_grad()
-            loss.backward()
-            if config.clip is not None:
-                torch.nn.utils.clip_grad_norm_(adapter.shared_parameters(), config.clip)
-            for opt in opts:
-                opt.step()
+            _step(adapter, opts, loss, config.clip)
             losses.append(nll.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    finally:
-        adapter.eval()
-        for p in adapter.shared_parameters():
-            p.requires_grad_(False)
     plugins = None if free_x is None else free_x.weight.detach().view(len(docs), *adapter.plugin_shape).numpy()
     return FitReport(total, losses, time.perf_counter() - started, plugins)
+
+
+def _shared_optimizer(adapter: PluginAdapter, config: FitConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(adapter.shared_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+@contextlib.contextmanager
+def _training(adapter: PluginAdapter, thawed: bool = True) -> Iterator[None]:
+    """U, V (and the encoder) trainable inside, frozen again after; thawed=False freezes them inside."""
+    for p in adapter.shared_parameters():
+        p.requires_grad_(thawed)
+    adapter.train(thawed)
+    try:
+        yield
+    finally:
+        adapter.train(not thawed)
+        for p in adapter.shared_parameters():
+            p.requires_grad_(not thawed)
+
+
+def _step(adapter: PluginAdapter, opts: Sequence[torch.optim.Optimizer], loss: Tensor, clip: float | None) -> None:
+    for opt in opts:
+        opt.zero_grad()
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(adapter.shared_parameters(), clip)
+    for opt in opts:
+        opt.step()
+
+
+def _fit_nested(
+    adapter: PluginAdapter,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[Document],
+    examples: Sequence[_Encoded],
+    config: FitConfig,
+    progress: bool,
+) -> FitReport:
+    """FitConfig.nested: U, V learn to read the plugins fold-in actually makes, not a free x that many small
+    updates wrote over the epochs (README, "Fitting U, V through real fold-in")."""
+    if config.store is None:
+        raise InvalidInputError("a nested fit folds documents in with a store builder: give one")
+    if adapter.encoder is not None:
+        raise InvalidInputError("a nested fit folds plugins in from x = 0: fit without an encoder")
+    started = time.perf_counter()
+    rng = random.Random(config.seed)
+    fold = FoldInConfig(
+        examples=config.store,
+        written=config.store_written,
+        max_examples=config.store_examples,
+        steps=config.nested,
+        lr=config.nested_lr,
+        max_len=config.max_len,
+        precision=config.precision,
+    )
+    precision = step_precision(model, config.precision)
+    with precision:
+        cache = _PrefixCache(model, examples, adapter.lowest_layer)
+    of_doc: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        of_doc.setdefault(e.doc, []).append(i)
+    readable = sorted(of_doc)  # documents with questions to read their plugin with
+    opt = _shared_optimizer(adapter, config)
+    total = max(1, int(config.epochs * len(readable) / config.batch_size))
+    queue: list[list[int]] = []
+    losses: list[float] = []
+    bar = tqdm(range(total), desc="nested fit", disable=not progress)
+    with _training(adapter):
+        for _ in bar:
+            if not queue:
+                order = rng.sample(readable, len(readable))
+                queue = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+            group = queue.pop()
+            with _training(adapter, thawed=False):  # as registration: U, V frozen, no gradient kept for them
+                folded = fold_in(adapter, model, tokenizer, [Document(str(d), docs[d].text) for d in group], fold)
+            plugins = torch.from_numpy(np.stack([r.plugin for r in folded]))  # (G, M, r)
+            idx = [i for d in group for i in of_doc[d]]
+            row = {d: k for k, d in enumerate(group)}
+            h, mask, labels = cache.batch(idx, examples)
+            with precision, adapter.use(plugins[[row[examples[i].doc] for i in idx]]):
+                nll = target_nll(model, h, mask, labels, adapter.lowest_layer).float().mean()
+            _step(adapter, [opt], nll, config.clip)
+            losses.append(nll.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return FitReport(total, losses, time.perf_counter() - started)
 
 
 def _length_grouped(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:

@@ -99,6 +99,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
         store=args.store,
         store_examples=args.store_examples,
         store_written=args.store_written,
+        nested=args.nested,
+        nested_lr=args.nested_lr,
         max_len=args.max_len,
         seed=args.seed,
         precision=args.precision,
@@ -434,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="of those, questions from the question writer (of --writer or --init), as fold-in's --fold-in-written",
     )
+    fit.add_argument(
+        "--nested",
+        type=int,
+        default=0,
+        help="fold each step's --batch-size documents in with this many steps (from the --store examples) and "
+        "train U, V to read those plugins; 0: a free x per document (default)",
+    )
+    fit.add_argument("--nested-lr", type=float, default=1.0, help="the nested fold-in's step size (default 1.0)")
     fit.add_argument("--writer", type=Path, default=None, help="an adapter folder whose question writer to use")
     fit.add_argument("--max-docs", type=int, default=None, help="a seeded sample of this many fitting documents")
     fit.add_argument("--epochs", type=float, default=2.0)

@@ -204,6 +204,26 @@ def test_fit_clips_the_shared_gradient_norm() -> None:
     assert moved[None] > 0 and moved[1e-12] < 0.01 * moved[None]
 
 
+def test_nested_fit_trains_u_v_to_read_real_fold_in_plugins() -> None:
+    """Each step folds its documents in with U, V frozen, then U, V learn the gold answers through those plugins:
+    the loss falls, only U, V move, and no free plugins come back."""
+    tiny = tiny_model(seed=0)
+    adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-2, -1], seed=3))
+    before = _shared(adapter)
+    config = FitConfig(epochs=8, batch_size=2, lr=1e-2, store="questions", store_examples=4, nested=2, nested_lr=0.3)
+    report = fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), config, progress=False)
+    assert report.plugins is None and report.steps == 16
+    assert sum(report.losses[-3:]) < 0.95 * sum(report.losses[:3])
+    assert all(not torch.equal(a, b) for a, b in zip(adapter.shared_parameters(), before, strict=True))
+    assert not any(p.requires_grad for p in adapter.shared_parameters())  # frozen again after the fit
+
+
+def test_nested_fit_needs_a_store_builder(tiny: BaseModel) -> None:
+    adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-1]))
+    with pytest.raises(InvalidInputError, match="store builder"):
+        fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), FitConfig(nested=2), progress=False)
+
+
 def test_fit_with_a_store_builder_needs_free_plugins(tiny: BaseModel) -> None:
     config = AdapterConfig(rank=4, layers=[-1], encoder=EncoderConfig(layer=1, hidden=32))
     with pytest.raises(InvalidInputError, match="without an encoder"):
