@@ -345,8 +345,7 @@ def fit(
         if adapter.encoder is not None:
             raise InvalidInputError("fit with a store builder learns a free x per document: fit without an encoder")
         text_only = [Document(d.id, d.text) for d in docs]  # what fold-in sees: no questions
-        made = FoldInConfig(examples=config.store, written=config.store_written, max_examples=config.store_examples)
-        for i, exs in enumerate(fold_in_examples(adapter, model, tokenizer, text_only, made)):
+        for i, exs in enumerate(fold_in_examples(adapter, model, tokenizer, text_only, _store_fold_in(config))):
             examples += encode_examples(tokenizer, i, exs, config.max_len)
     precision = step_precision(model, config.precision)
     with precision:
@@ -390,6 +389,17 @@ def fit(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     plugins = None if free_x is None else free_x.weight.detach().view(len(docs), *adapter.plugin_shape).numpy()
     return FitReport(total, losses, time.perf_counter() - started, plugins)
+
+
+def _store_fold_in(config: FitConfig, **more: object) -> FoldInConfig:
+    """The fold-in a fit's store builder stands for: its examples, as registration makes them."""
+    return FoldInConfig(
+        examples=config.store,
+        written=config.store_written,
+        max_examples=config.store_examples,
+        precision=config.precision,
+        **more,
+    )
 
 
 def _shared_optimizer(adapter: PluginAdapter, config: FitConfig) -> torch.optim.Optimizer:
@@ -437,15 +447,7 @@ def _fit_nested(
         raise InvalidInputError("a nested fit folds plugins in from x = 0: fit without an encoder")
     started = time.perf_counter()
     rng = random.Random(config.seed)
-    fold = FoldInConfig(
-        examples=config.store,
-        written=config.store_written,
-        max_examples=config.store_examples,
-        steps=config.nested,
-        lr=config.nested_lr,
-        max_len=config.max_len,
-        precision=config.precision,
-    )
+    fold = _store_fold_in(config, steps=config.nested, lr=config.nested_lr, max_len=config.max_len)
     precision = step_precision(model, config.precision)
     with precision:
         cache = _PrefixCache(model, examples, adapter.lowest_layer)
