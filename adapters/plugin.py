@@ -60,7 +60,7 @@ def compose(plugins: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("k,kmr->mr", weights.to(plugins.dtype), plugins)  # (M, r)
 
 
-def retrieval_weights(scores: Tensor, temperature: float = 0.05) -> Tensor:
+def retrieval_weights(scores: Tensor, temperature: float = 0.01) -> Tensor:
     """Composition weights from retrieval scores (K,): a softmax that sums to 1, so the shared UV counts once."""
     if scores.numel() == 0:
         return scores

@@ -379,6 +379,7 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         capacity_paragraphs=args.capacity_paragraphs,
         fold_in=_fold_in_config(args),
         plugin_format=args.plugin_format,
+        composition_temperature=args.composition_temperature,
         runs=parse_runs(args.runs),
     )
     print(markdown(eval_squad(options, args.out)))
@@ -532,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--batch", type=int, default=32)
     squad.add_argument("--capacity-paragraphs", type=int, default=12, help="0 skips the gold-question diagnostic")
     squad.add_argument("--plugin-format", choices=FORMATS, default="float16", help="how the store keeps plugins")
+    squad.add_argument(
+        "--composition-temperature",
+        type=float,
+        default=None,
+        help="softmax temperature over retrieval scores for the composition weights (default: the service's)",
+    )
     _add_fold_in_args(squad)
     squad.add_argument("--runs", default=None, help="mode/retrieval subset: none/none,plugins/oracle,...")
     squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")

@@ -83,6 +83,7 @@ class EvalOptions:
     model: str = "smollm2"
     fold_in: FoldInConfig | None = None
     plugin_format: PluginFormat = "float16"
+    composition_temperature: float | None = None  # None: the service's setting (KPLUG_COMPOSITION_TEMPERATURE)
     capacity_paragraphs: int = 12
     runs: Sequence[tuple[Mode, str]] = tuple(RUNS)
 
@@ -131,6 +132,8 @@ class SquadEval:
             fold_in=fold,
             plugin_format=options.plugin_format,
         )
+        if options.composition_temperature is not None:  # else the service's (KPLUG_COMPOSITION_TEMPERATURE)
+            settings = settings.model_copy(update={"composition_temperature": options.composition_temperature})
         self.runtime = Runtime(settings, Metrics())
 
     def run(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -195,6 +198,7 @@ class SquadEval:
                 "fold_in_steps": fold_in_steps(rt.adapter, rt.settings.fold_in),
                 "fold_in_precision": resolved_precision(rt.base.model, rt.settings.fold_in.precision),
                 "plugin_format": rt.store.plugin_format,
+                "composition_temperature": rt.settings.composition_temperature,
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },

@@ -160,6 +160,31 @@ def test_eval_keeps_plugins_in_the_format_asked_and_reports_their_bytes(tmp_path
     assert "(float8)" in markdown(report)
 
 
+def test_eval_composes_retrieved_plugins_at_the_temperature_asked_and_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _squad(tmp_path / "squad.json")
+    PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
+    import service.runtime
+
+    seen: list[float] = []
+    weights = service.runtime.retrieval_weights
+
+    def spy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+        seen.append(temperature)
+        return weights(scores, temperature)
+
+    monkeypatch.setattr(service.runtime, "retrieval_weights", spy)
+    runs = [("plugins", "retrieved")]
+    options = _options(
+        tmp_path, max_paragraphs=2, max_new_tokens=2, capacity_paragraphs=0, fold_in=FoldInConfig(steps=0),
+        runs=runs, composition_temperature=0.01,
+    )  # fmt: skip
+    report = eval_squad(options, None)
+    assert seen and set(seen) == {0.01}
+    assert report["config"]["composition_temperature"] == 0.01
+
+
 def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
     _squad(tmp_path / "squad.json")
     from adapters.corpus import load_squad
