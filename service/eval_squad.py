@@ -132,7 +132,7 @@ class SquadEval:
             fold_in=fold,
             plugin_format=options.plugin_format,
         )
-        if options.composition_temperature is not None:  # else the service's (KPLUG_COMPOSITION_TEMPERATURE)
+        if options.composition_temperature is not None:
             settings = settings.model_copy(update={"composition_temperature": options.composition_temperature})
         self.runtime = Runtime(settings, Metrics())
 

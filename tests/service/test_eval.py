@@ -15,6 +15,7 @@ from adapters.corpus import QA, Document
 from adapters.encoder import EncoderConfig
 from adapters.errors import InvalidInputError
 from adapters.metrics import f1
+from adapters.plugin import retrieval_weights
 from adapters.training import FoldInConfig
 from service.eval_squad import (
     RUNS,
@@ -165,24 +166,21 @@ def test_eval_composes_retrieved_plugins_at_the_temperature_asked_and_records_it
 ) -> None:
     _squad(tmp_path / "squad.json")
     PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
-    import service.runtime
-
     seen: list[float] = []
-    weights = service.runtime.retrieval_weights
 
     def spy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
         seen.append(temperature)
-        return weights(scores, temperature)
+        return retrieval_weights(scores, temperature)
 
-    monkeypatch.setattr(service.runtime, "retrieval_weights", spy)
+    monkeypatch.setattr("service.runtime.retrieval_weights", spy)
     runs = [("plugins", "retrieved")]
     options = _options(
         tmp_path, max_paragraphs=2, max_new_tokens=2, capacity_paragraphs=0, fold_in=FoldInConfig(steps=0),
-        runs=runs, composition_temperature=0.01,
+        runs=runs, composition_temperature=0.2,  # not the default: the flag must reach the runtime
     )  # fmt: skip
     report = eval_squad(options, None)
-    assert seen and set(seen) == {0.01}
-    assert report["config"]["composition_temperature"] == 0.01
+    assert seen and set(seen) == {0.2}
+    assert report["config"]["composition_temperature"] == 0.2
 
 
 def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
