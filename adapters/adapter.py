@@ -64,6 +64,7 @@ class AdapterConfig(Schema):
 class _Composition(threading.local):
     z: Tensor | None = None  # (B, M, r)
     gate: Tensor | None = None  # (B,): 0 turns the adapter off for that row
+    shared: Tensor | None = None  # (B,): the weight of the shared term V h for that row (None: 1)
 
 
 class PluginLinear(nn.Module):
@@ -99,7 +100,8 @@ class PluginLinear(nn.Module):
     def forward(self, h: Tensor) -> Tensor:  # h (B, T, in)
         z = self._state.z
         zm = None if z is None else z[:, self.index, :]  # (B, r)
-        delta = low_rank_delta(h, self.U, self.V, self.A, zm, self.scale, self._state.gate)  # (B, T, out)
+        st = self._state
+        delta = low_rank_delta(h, self.U, self.V, self.A, zm, self.scale, st.gate, st.shared)  # (B, T, out)
         return self.base(h) + delta
 
 
@@ -173,22 +175,24 @@ class PluginAdapter(nn.Module):
         return params
 
     @contextmanager
-    def use(self, z: Tensor | None, gate: Tensor | None = None) -> Iterator[None]:
+    def use(self, z: Tensor | None, gate: Tensor | None = None, shared: Tensor | None = None) -> Iterator[None]:
         """Apply composition z (B, M, r) (or (M, r), broadcast) to forwards on this thread; None means z = 0.
 
-        gate (B,) optionally scales each row's delta: 0 gives that row the bare base model.
+        gate (B,) optionally scales each row's delta: 0 gives that row the bare base model; shared (B,) scales each
+        row's shared term V h: 0 gives that row the plugins' term alone.
         """
         if z is not None:
             if z.dim() == 2:
                 z = z[None]
             if tuple(z.shape[1:]) != self.plugin_shape:
                 raise ValueError(f"composition of shape {tuple(z.shape)}, adapter wants (B, {self.plugin_shape})")
-        previous = (self._state.z, self._state.gate)
-        self._state.z, self._state.gate = z, gate
+        state = self._state
+        previous = (state.z, state.gate, state.shared)
+        state.z, state.gate, state.shared = z, gate, shared
         try:
             yield
         finally:
-            self._state.z, self._state.gate = previous
+            state.z, state.gate, state.shared = previous
 
     # ---- checkpoints -------------------------------------------------------------------------------------
 

@@ -31,14 +31,24 @@ def subspace(seed: int, module_index: int, rank: int, in_features: int) -> Tenso
 
 
 def low_rank_delta(
-    h: Tensor, U: Tensor, V: Tensor, A: Tensor, z: Tensor | None, scale: float, gate: Tensor | None = None
+    h: Tensor,
+    U: Tensor,
+    V: Tensor,
+    A: Tensor,
+    z: Tensor | None,
+    scale: float,
+    gate: Tensor | None = None,
+    shared: Tensor | None = None,
 ) -> Tensor:
     """The adapter's contribution s * U (V h + z * (A h)).
 
     z is (B, r), one row per batch row, or None for z = 0; gate (B,) scales each row's whole delta, so a row with
-    gate 0 is exactly the bare base model while its neighbours in the batch use plugins.
+    gate 0 is exactly the bare base model while its neighbours in the batch use plugins; shared (B,) scales only
+    the shared term V h, so a row with shared 0 gets the plugins' term s U (z * (A h)) alone.
     """
     inner = h @ V.T  # (B, T, r)
+    if shared is not None:
+        inner = inner * shared[:, None, None].to(h.dtype)
     if z is not None:
         inner = inner + z[:, None, :].to(h.dtype) * (h @ A.T)  # (B, T, r)
     delta = scale * (inner @ U.T)  # (B, T, out)

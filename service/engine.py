@@ -4,10 +4,10 @@ It is also the process's only torch thread. libgomp gives its full team only to 
 a second torch thread ran a decode step at single-core speed (61 ms against 35 ms on 2 cores), so loading, query
 embeddings and fold-in are handed to this thread with ``call`` and run between decoding steps.
 
-Each decoding step is one forward of the batch (B, 1) with Z (B, M, r) and a gate (B,) (0: the bare model, for the
-`none` and `context` modes). A new request is prefilled alone, then joins at the next step: its KV cache is
-left-padded to the batch's length (or the batch to its) and concatenated; a finished row is dropped. Padding is
-masked, so a request's output is the one it would get alone.
+Each decoding step is one forward of the batch (B, 1) with Z (B, M, r), a gate (B,) (0: the bare model, for the
+`none` and `context` modes) and the weight of the shared term (B,). A new request is prefilled alone, then joins at
+the next step: its KV cache is left-padded to the batch's length (or the batch to its) and concatenated; a finished
+row is dropped. Padding is masked, so a request's output is the one it would get alone.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class GenerationRequest:
     temperature: float = 0.0
     seed: int | None = None
     timeout_s: float = 120.0
+    shared_weight: float = 1.0  # the weight of the shared term U V h (0: the plugins' term alone)
 
 
 @dataclass
@@ -221,10 +222,13 @@ class Engine:
         self._mask = torch.zeros(0, 0, dtype=torch.long)
         self._z = torch.zeros(0, *self.adapter.plugin_shape)
         self._gate = torch.zeros(0)
+        self._shared = torch.zeros(0)
 
-    def _composition(self, request: GenerationRequest) -> tuple[Tensor, Tensor]:
+    def _composition(self, request: GenerationRequest) -> tuple[Tensor, Tensor, Tensor]:
+        """(1, M, r), (1,), (1,): z, gate and shared weight of one row."""
         z = request.z if request.z is not None else torch.zeros(self.adapter.plugin_shape)
-        return z.to(torch.float32)[None], torch.tensor([1.0 if request.use_adapter else 0.0])  # (1, M, r), (1,)
+        gate = torch.tensor([1.0 if request.use_adapter else 0.0])
+        return z.to(torch.float32)[None], gate, torch.tensor([request.shared_weight])
 
     def _admit(self, handle: RequestHandle, request: GenerationRequest) -> None:
         if handle.cancelled:
@@ -232,17 +236,17 @@ class Engine:
         row = _Row(handle, request, deadline=handle.submitted + request.timeout_s)
         if request.seed is not None:
             row.generator = torch.Generator().manual_seed(request.seed)
-        z, gate = self._composition(request)
+        z, gate, shared = self._composition(request)
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([request.prompt_ids])  # (1, T)
-        with self.adapter.use(z, gate):
+        with self.adapter.use(z, gate, shared):
             logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # (1, V)
         token = self._pick(logits[0], row)
         if self._advance(row, token):
             return  # done after one token: never joins the batch
-        self._join(row, cache, z, gate)
+        self._join(row, cache, z, gate, shared)
 
-    def _join(self, row: _Row, cache: DynamicCache, z: Tensor, gate: Tensor) -> None:
+    def _join(self, row: _Row, cache: DynamicCache, z: Tensor, gate: Tensor, shared: Tensor) -> None:
         new_len = len(row.request.prompt_ids)
         if self._cache is None:
             self._cache, self._mask = cache, torch.ones(1, new_len, dtype=torch.long)
@@ -257,13 +261,14 @@ class Engine:
         self._rows.append(row)
         self._z = torch.cat([self._z, z])  # (B, M, r)
         self._gate = torch.cat([self._gate, gate])  # (B,)
+        self._shared = torch.cat([self._shared, shared])  # (B,)
 
     def _step(self) -> None:
         assert self._cache is not None
         last = torch.tensor([[row.ids[-1]] for row in self._rows])  # (B, 1)
         mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long)], dim=1)  # (B, L+1)
         pos = (mask.sum(1, keepdim=True) - 1).clamp(min=0)  # (B, 1): each row's own position
-        with self.adapter.use(self._z, self._gate):
+        with self.adapter.use(self._z, self._gate, self._shared):
             out = self.model(
                 input_ids=last, attention_mask=mask, position_ids=pos, past_key_values=self._cache, use_cache=True
             )
@@ -287,7 +292,7 @@ class Engine:
             layer.keys, layer.values = keys[index, :, first:], values[index, :, first:]
         self._mask = mask[:, first:]
         self._rows = [self._rows[i] for i in keep]
-        self._z, self._gate = self._z[index], self._gate[index]
+        self._z, self._gate, self._shared = self._z[index], self._gate[index], self._shared[index]
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))

@@ -53,8 +53,11 @@ RUNS: list[tuple[Mode, str]] = [
     ("combine", "retrieved"),
     ("plugins", "shared"),
     ("combine", "retrieved-shared"),
+    ("plugins", "oracle-unshared"),
+    ("combine", "retrieved-unshared"),
 ]
-# "shared" runs apply the shared U, V with z = 0 (no plugin): what the plugins themselves add is the difference
+# "shared" runs apply the shared U, V with z = 0 (no plugin): what the plugins themselves add is the difference;
+# "unshared" runs apply the plugins' term alone (the shared term U V h off): the bare model plus the documents' plugins
 
 
 def parse_runs(spec: str | None) -> list[tuple[Mode, str]]:
@@ -199,6 +202,7 @@ class SquadEval:
                 "fold_in_precision": resolved_precision(rt.base.model, rt.settings.fold_in.precision),
                 "plugin_format": rt.store.plugin_format,
                 "composition_temperature": rt.settings.composition_temperature,
+                "composition_scale": rt.settings.composition_scale,
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },
@@ -230,6 +234,7 @@ class SquadEval:
         return out
 
     def _hits(self, retrieval: str, q: Question) -> list[tuple[str, float]] | None:
+        retrieval = retrieval.removesuffix("-unshared")
         if retrieval == "oracle":
             return [(q.doc.id, 1.0)]
         if retrieval == "wrong":
@@ -248,8 +253,10 @@ class SquadEval:
             )
             for q in questions
         ]
-        if retrieval.endswith("shared"):
-            for p in prepared:
+        for p in prepared:
+            if retrieval.endswith("-unshared"):
+                p.request.shared_weight = 0.0
+            elif retrieval.endswith("shared"):
                 p.request.z = None  # the documents' text stays in the prompt; their plugins go
 
         async def generate_all() -> list[Any]:
@@ -308,6 +315,8 @@ class SquadEval:
         # is the own plugin above no plugin, a wrong one, U, V alone; do plugins add to classic RAG?
         pairs = [("plugins/oracle", b) for b in ("none/none", "plugins/wrong", "plugins/shared")]
         pairs += [("combine/retrieved", b) for b in ("context/retrieved", "combine/retrieved-shared")]
+        pairs += [("combine/retrieved-unshared", b) for b in ("context/retrieved", "combine/retrieved")]
+        pairs += [("plugins/oracle-unshared", b) for b in ("none/none", "plugins/oracle")]
         out["paired"] = {
             f"{a} vs {b}": paired(outputs[a], outputs[b], questions) for a, b in pairs if a in outputs and b in outputs
         }

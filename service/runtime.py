@@ -109,7 +109,8 @@ class Runtime:
         if not usable:
             return documents, None
         stacked = torch.from_numpy(np.stack([p for p, _ in usable]))  # (K, M, r)
-        return documents, compose(stacked, torch.tensor([w for _, w in usable]))  # (M, r)
+        z = compose(stacked, torch.tensor([w for _, w in usable]))  # (M, r)
+        return documents, z * self.settings.composition_scale
 
     def close(self) -> None:
         if not self.ready:

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     composition_temperature: float = Field(0.01, gt=0)  # softmax over retrieval scores (0.01 measured over 0.05)
+    composition_scale: float = Field(1.0, gt=0)  # z = scale * sum_d w_d x_d: how strongly a composition is applied
     max_batch: int = Field(8, ge=1)  # rows decoded together in one forward
     queue_size: int = Field(64, ge=1)  # waiting generation requests; beyond it 429
     request_timeout_s: float = Field(120.0, gt=0)

@@ -128,3 +128,21 @@ def test_gate_zero_rows_are_the_bare_model(tiny: BaseModel, tiny_adapter: Plugin
     torch.testing.assert_close(off, reference)
     torch.testing.assert_close(mixed[0], reference[0])
     torch.testing.assert_close(mixed[1:], plugged, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_zero_rows_get_the_plugins_term_alone(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    """shared (B,) weights the shared term V h per row: 0 leaves W h + s U (z * (A h)), as if V were zero."""
+    ids = torch.randint(3, 200, (2, 6))
+    z = torch.randn(2, *tiny_adapter.plugin_shape)
+    with torch.no_grad():
+        with tiny_adapter.use(z, shared=torch.tensor([0.0, 1.0])):
+            mixed = tiny.model(ids).logits
+        with tiny_adapter.use(z):
+            full = tiny.model(ids).logits
+        for module in tiny_adapter.plugin_modules:
+            module.V.data.zero_()
+        with tiny_adapter.use(z):
+            plugin_term = tiny.model(ids).logits
+    assert not torch.allclose(full[0], plugin_term[0])  # V h is part of a full row's output
+    torch.testing.assert_close(mixed[0], plugin_term[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], full[1], atol=1e-5, rtol=1e-4)

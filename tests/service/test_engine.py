@@ -23,7 +23,8 @@ def _requests(tiny: BaseModel, adapter: PluginAdapter) -> list[GenerationRequest
     for i, q in enumerate(QUESTIONS):
         ids = tiny.tokenizer(chat_prompt(tiny.tokenizer, q), add_special_tokens=False).input_ids
         z = torch.randn(*adapter.plugin_shape, generator=g) * 3
-        out.append(GenerationRequest(ids, z, use_adapter=i % 3 != 0, max_new_tokens=6 + 2 * i))
+        shared = 0.0 if i == 4 else 1.0  # one row with the plugins' term alone
+        out.append(GenerationRequest(ids, z, i % 3 != 0, max_new_tokens=6 + 2 * i, shared_weight=shared))
     return out
 
 
@@ -48,7 +49,10 @@ def test_concurrent_requests_equal_single_requests_and_reference(tiny: BaseModel
         assert t.completion_tokens == a.completion_tokens <= r.max_new_tokens
         prompt = tiny.tokenizer.decode(r.prompt_ids)
         z = r.z[None] if r.use_adapter else None  # type: ignore[index]
-        if r.use_adapter:
+        if r.shared_weight == 0:
+            with tiny_adapter.use(z, shared=torch.zeros(1)):
+                [ref] = greedy_generate(tiny.model, tiny.tokenizer, None, [prompt], None, r.max_new_tokens)
+        elif r.use_adapter:
             [ref] = greedy_generate(tiny.model, tiny.tokenizer, tiny_adapter, [prompt], z, r.max_new_tokens)
         else:
             with tiny_adapter.use(None, gate=torch.zeros(1)):

@@ -70,6 +70,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
     run_, submit = SquadEval._run, Runtime.submit
     current: list[str] = []
     has_z: dict[str, set[bool]] = {}
+    shared: dict[str, set[float]] = {}
 
     def record_run(self: SquadEval, mode: Any, retrieval: str, questions: Any) -> Any:
         current[:] = [f"{mode}/{retrieval}"]
@@ -77,6 +78,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
 
     def record_submit(self: Runtime, prepared: Any) -> Any:
         has_z.setdefault(current[0], set()).add(prepared.request.z is not None)
+        shared.setdefault(current[0], set()).add(prepared.request.shared_weight)
         return submit(self, prepared)
 
     monkeypatch.setattr(SquadEval, "_run", record_run)
@@ -101,16 +103,34 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
         "plugins/oracle vs plugins/shared",
         "combine/retrieved vs context/retrieved",
         "combine/retrieved vs combine/retrieved-shared",
+        "combine/retrieved-unshared vs context/retrieved",
+        "combine/retrieved-unshared vs combine/retrieved",
+        "plugins/oracle-unshared vs none/none",
+        "plugins/oracle-unshared vs plugins/oracle",
     }
     # V = 0 here, so the shared adapter without plugins is the bare model: "shared" runs must drop the plugins
     scores = {k: (r["contained"], r["f1"]) for k, r in report["results"].items()}
     assert scores["plugins/shared"] == scores["none/none"]
     assert scores["combine/retrieved-shared"] == scores["context/retrieved"]
+    # and dropping the shared term changes nothing: "unshared" runs keep the plugins
+    assert scores["plugins/oracle-unshared"] == scores["plugins/oracle"]
+    assert scores["combine/retrieved-unshared"] == scores["combine/retrieved"]
     assert report["results"]["combine/retrieved-shared"]["context_tokens"] > 5
     assert has_z["plugins/oracle"] == has_z["combine/retrieved"] == has_z["plugins/wrong"] == {True}
     assert has_z["plugins/shared"] == has_z["combine/retrieved-shared"] == {False}
+    assert has_z["plugins/oracle-unshared"] == has_z["combine/retrieved-unshared"] == {True}
+    assert {k for k, weights in shared.items() if weights == {0.0}} == {
+        "plugins/oracle-unshared",
+        "combine/retrieved-unshared",
+    }
+    assert all(weights in ({0.0}, {1.0}) for weights in shared.values())
     sources = report["answer_sources"]  # reading runs with retrieval only
-    assert set(sources) == {"context/retrieved", "combine/retrieved", "combine/retrieved-shared"}
+    assert set(sources) == {
+        "context/retrieved",
+        "combine/retrieved",
+        "combine/retrieved-shared",
+        "combine/retrieved-unshared",
+    }
     assert all(abs(sum(shares.values()) - 1) < 1e-9 for shares in sources.values())
     assert report["config"]["paragraphs"] == 4 and report["config"]["eval_articles"] == "2-3"
     for suffix in (".json", ".md", ".png"):
@@ -181,6 +201,34 @@ def test_eval_composes_retrieved_plugins_at_the_temperature_asked_and_records_it
     report = eval_squad(options, None)
     assert seen and set(seen) == {0.2}
     assert report["config"]["composition_temperature"] == 0.2
+
+
+def test_compositions_are_applied_at_the_scale_set_and_the_report_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KPLUG_COMPOSITION_SCALE multiplies z: with oracle retrieval (one plugin, weight 1) z is the scaled plugin."""
+    _squad(tmp_path / "squad.json")
+    PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
+    sent: list[tuple[torch.Tensor, torch.Tensor]] = []
+    submit = Runtime.submit
+
+    def record(self: Runtime, prepared: Any) -> Any:
+        [doc] = prepared.documents
+        plugin = torch.from_numpy(self.store.plugins([doc["id"]])[doc["id"]])
+        sent.append((prepared.request.z, plugin))
+        return submit(self, prepared)
+
+    monkeypatch.setattr(Runtime, "submit", record)
+    monkeypatch.setenv("KPLUG_COMPOSITION_SCALE", "2.5")
+    options = _options(
+        tmp_path, max_paragraphs=2, max_new_tokens=2, capacity_paragraphs=0, fold_in=FoldInConfig(steps=1),
+        runs=[("plugins", "oracle")],
+    )  # fmt: skip
+    report = eval_squad(options, None)
+    assert report["config"]["composition_scale"] == 2.5
+    assert sent and all(plugin.abs().sum() > 0 for _, plugin in sent)
+    for z, plugin in sent:
+        torch.testing.assert_close(z, 2.5 * plugin.to(z.dtype))
 
 
 def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
