@@ -98,9 +98,8 @@ class PluginLinear(nn.Module):
         self._state = state
 
     def forward(self, h: Tensor) -> Tensor:  # h (B, T, in)
-        z = self._state.z
-        zm = None if z is None else z[:, self.index, :]  # (B, r)
         st = self._state
+        zm = None if st.z is None else st.z[:, self.index, :]  # (B, r)
         delta = low_rank_delta(h, self.U, self.V, self.A, zm, self.scale, st.gate, st.shared)  # (B, T, out)
         return self.base(h) + delta
 
