@@ -540,7 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="softmax temperature over retrieval scores for the composition weights (default: the service's)",
     )
     _add_fold_in_args(squad)
-    squad.add_argument("--runs", default=None, help="mode/retrieval subset: none/none,plugins/oracle,...")
+    squad.add_argument(
+        "--runs",
+        default=None,
+        help="mode/retrieval subset: none/none,plugins/oracle,...; all: also the -unshared diagnostics "
+        "(default: every run but those)",
+    )
     squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")
     squad.set_defaults(func=cmd_eval_squad)
     compare = evaluate.add_parser("compare", help="two runs of eval squad paired on the same questions")

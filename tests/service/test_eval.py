@@ -86,7 +86,9 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
     base = tiny_model()
     config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=16))
     PluginAdapter(base, config).save(tmp_path / "adapter")
-    options = _options(tmp_path, max_paragraphs=4, max_new_tokens=4, batch=4, capacity_paragraphs=2)
+    options = _options(
+        tmp_path, max_paragraphs=4, max_new_tokens=4, batch=4, capacity_paragraphs=2, runs=parse_runs("all")
+    )
     report = eval_squad(options, tmp_path / "out" / "squad.json")
     expected = {f"{m}/{r}" for m, r in RUNS} | {"capacity/oracle", "none/capacity-subset"}
     assert set(report["results"]) == expected
@@ -244,7 +246,11 @@ def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
 
 def test_runs_subset_is_parsed_in_benchmark_order_and_unknown_runs_are_refused() -> None:
     assert parse_runs("plugins/wrong, none/none") == [("none", "none"), ("plugins", "wrong")]
-    assert parse_runs(None) == list(RUNS)
+    assert parse_runs("all") == list(RUNS)
+    default = parse_runs(None)  # every run but the unshared diagnostics, which are asked for by name or "all"
+    assert ("plugins", "oracle") in default and ("combine", "retrieved-shared") in default
+    assert not any(r.endswith("-unshared") for _, r in default) and len(default) == len(RUNS) - 2
+    assert parse_runs("plugins/oracle-unshared") == [("plugins", "oracle-unshared")]
     for bad in ("plugins/nowhere", "", "context"):
         with pytest.raises(InvalidInputError):
             parse_runs(bad)
