@@ -55,11 +55,13 @@ RUNS: list[tuple[Mode, str]] = [
     ("combine", "retrieved-shared"),
     ("plugins", "oracle-unshared"),
     ("combine", "retrieved-unshared"),
+    ("combine", "retrieved-wrong"),
 ]
 # "shared" runs apply the shared U, V with z = 0 (no plugin): what the plugins themselves add is the difference;
 # "unshared" runs apply the plugins' term alone (the shared term U V h off): the bare model plus the documents' plugins.
-# The unshared runs were measured as losses (README) and one of them reads paragraphs, which is slow: only on request.
-DEFAULT_RUNS = [run for run in RUNS if not run[1].endswith("-unshared")]
+# "retrieved-wrong" keeps the retrieved paragraphs in the prompt but composes another article's plugin: do the
+# plugins add to reading through their own documents' content? These diagnostics run only on request (slow).
+DEFAULT_RUNS = [run for run in RUNS if not run[1].endswith(("-unshared", "-wrong"))]
 
 
 def parse_runs(spec: str | None) -> list[tuple[Mode, str]]:
@@ -239,7 +241,7 @@ class SquadEval:
         return out
 
     def _hits(self, retrieval: str, q: Question) -> list[tuple[str, float]] | None:
-        retrieval = retrieval.removesuffix("-unshared")
+        retrieval = retrieval.removesuffix("-unshared").removesuffix("-wrong")
         if retrieval == "oracle":
             return [(q.doc.id, 1.0)]
         if retrieval == "wrong":
@@ -258,11 +260,13 @@ class SquadEval:
             )
             for q in questions
         ]
-        for p in prepared:
+        for p, q in zip(prepared, questions, strict=True):
             if retrieval.endswith("-unshared"):
                 p.request.shared_weight = 0.0
             elif retrieval.endswith("shared"):
                 p.request.z = None  # the documents' text stays in the prompt; their plugins go
+            elif retrieval.endswith("-wrong"):  # the text stays; the plugin is another article's
+                p.request.z = rt.prepare(q.qa.question, "plugins", 1, 1, 0.0, None, hits=[(q.wrong, 1.0)]).request.z
 
         async def generate_all() -> list[Any]:
             handles = [rt.submit(p) for p in prepared]
@@ -322,6 +326,7 @@ class SquadEval:
         pairs += [("combine/retrieved", b) for b in ("context/retrieved", "combine/retrieved-shared")]
         pairs += [("combine/retrieved-unshared", b) for b in ("context/retrieved", "combine/retrieved")]
         pairs += [("plugins/oracle-unshared", b) for b in ("none/none", "plugins/oracle")]
+        pairs += [("combine/retrieved", "combine/retrieved-wrong")]
         out["paired"] = {
             f"{a} vs {b}": paired(outputs[a], outputs[b], questions) for a, b in pairs if a in outputs and b in outputs
         }

@@ -67,10 +67,11 @@ def _options(tmp_path: Path, **overrides: Any) -> EvalOptions:
 def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _squad(tmp_path / "squad.json")
     # which runs send a composition to the engine: scores on the tiny model cannot tell (they are all 0)
-    run_, submit = SquadEval._run, Runtime.submit
+    run_, submit, prepare = SquadEval._run, Runtime.submit, Runtime.prepare
     current: list[str] = []
     has_z: dict[str, set[bool]] = {}
     shared: dict[str, set[float]] = {}
+    hits: dict[tuple[str, str], list[Any]] = {}
 
     def record_run(self: SquadEval, mode: Any, retrieval: str, questions: Any) -> Any:
         current[:] = [f"{mode}/{retrieval}"]
@@ -81,6 +82,11 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
         shared.setdefault(current[0], set()).add(prepared.request.shared_weight)
         return submit(self, prepared)
 
+    def record_prepare(self: Runtime, query: str, mode: Any, *args: Any, **kwargs: Any) -> Any:
+        hits.setdefault((current[0], mode), []).append(kwargs.get("hits"))
+        return prepare(self, query, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "prepare", record_prepare)
     monkeypatch.setattr(SquadEval, "_run", record_run)
     monkeypatch.setattr(Runtime, "submit", record_submit)
     base = tiny_model()
@@ -109,6 +115,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
         "combine/retrieved-unshared vs combine/retrieved",
         "plugins/oracle-unshared vs none/none",
         "plugins/oracle-unshared vs plugins/oracle",
+        "combine/retrieved vs combine/retrieved-wrong",
     }
     # V = 0 here, so the shared adapter without plugins is the bare model: "shared" runs must drop the plugins
     scores = {k: (r["contained"], r["f1"]) for k, r in report["results"].items()}
@@ -121,6 +128,14 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
     assert has_z["plugins/oracle"] == has_z["combine/retrieved"] == has_z["plugins/wrong"] == {True}
     assert has_z["plugins/shared"] == has_z["combine/retrieved-shared"] == {False}
     assert has_z["plugins/oracle-unshared"] == has_z["combine/retrieved-unshared"] == {True}
+    assert has_z["combine/retrieved-wrong"] == {True}  # and another article's plugin, not the retrieved ones
+    # its plugins are those of the plugins/wrong run, question by question; its prompt that of combine/retrieved
+    assert hits["combine/retrieved-wrong", "plugins"] == hits["plugins/wrong", "plugins"]
+    assert hits["combine/retrieved-wrong", "combine"] == hits["combine/retrieved", "combine"]
+    assert (
+        report["results"]["combine/retrieved-wrong"]["context_tokens"]
+        == report["results"]["combine/retrieved"]["context_tokens"]
+    )
     assert {k for k, weights in shared.items() if weights == {0.0}} == {
         "plugins/oracle-unshared",
         "combine/retrieved-unshared",
@@ -132,6 +147,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
         "combine/retrieved",
         "combine/retrieved-shared",
         "combine/retrieved-unshared",
+        "combine/retrieved-wrong",
     }
     assert all(abs(sum(shares.values()) - 1) < 1e-9 for shares in sources.values())
     assert report["config"]["paragraphs"] == 4 and report["config"]["eval_articles"] == "2-3"
@@ -249,7 +265,7 @@ def test_runs_subset_is_parsed_in_benchmark_order_and_unknown_runs_are_refused()
     assert parse_runs("all") == list(RUNS)
     default = parse_runs(None)  # every run but the unshared diagnostics, which are asked for by name or "all"
     assert ("plugins", "oracle") in default and ("combine", "retrieved-shared") in default
-    assert not any(r.endswith("-unshared") for _, r in default) and len(default) == len(RUNS) - 2
+    assert not any(r.endswith(("-unshared", "-wrong")) for _, r in default) and len(default) == len(RUNS) - 3
     assert parse_runs("plugins/oracle-unshared") == [("plugins", "oracle-unshared")]
     for bad in ("plugins/nowhere", "", "context"):
         with pytest.raises(InvalidInputError):
