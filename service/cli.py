@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument(
         "--runs",
         default=None,
-        help="mode/retrieval subset: none/none,plugins/oracle,...; all: also the -unshared diagnostics "
+        help="mode/retrieval subset: none/none,plugins/oracle,...; all: also the -unshared and -wrong diagnostics "
         "(default: every run but those)",
     )
     squad.add_argument("--out", type=Path, default=None, help="JSON; .md table and .png chart beside it")

@@ -263,7 +263,7 @@ def test_paragraph_sample_is_fixed_and_seeded(tmp_path: Path) -> None:
 def test_runs_subset_is_parsed_in_benchmark_order_and_unknown_runs_are_refused() -> None:
     assert parse_runs("plugins/wrong, none/none") == [("none", "none"), ("plugins", "wrong")]
     assert parse_runs("all") == list(RUNS)
-    default = parse_runs(None)  # every run but the unshared diagnostics, which are asked for by name or "all"
+    default = parse_runs(None)  # every run but the -unshared and -wrong diagnostics: by name or "all"
     assert ("plugins", "oracle") in default and ("combine", "retrieved-shared") in default
     assert not any(r.endswith(("-unshared", "-wrong")) for _, r in default) and len(default) == len(RUNS) - 3
     assert parse_runs("plugins/oracle-unshared") == [("plugins", "oracle-unshared")]
