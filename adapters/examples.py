@@ -43,16 +43,36 @@ def qa_examples(doc: Document) -> list[Example]:
     return [Example(qa.question, qa.answers[0] + ANSWER_END) for qa in doc.questions if qa.answers]
 
 
-def reading_examples(doc: Document, with_context: int = 1, closed_book: bool = True) -> list[Example]:
+def reading_examples(
+    doc: Document, with_context: int = 1, closed_book: bool = True, quote: bool = False
+) -> list[Example]:
     """The document's questions closed-book, and the first with_context again with a context in the prompt as
     the `combine` mode asks them, so that U, V fitted on them answer from a context too instead of overriding it.
     The context is the question's retrieved paragraphs where the fit attached them (`kplug fit --retrieve`), so
     the reader learns to pick its answer among distractors; else the document alone. Without closed_book, only
-    the reading questions: a reader not also taught to answer with nothing to read."""
+    the reading questions: a reader not also taught to answer with nothing to read. With quote, a reading
+    question's target is the document's clause around the answer (answer_clause), not the bare span."""
     read = [qa for qa in doc.questions if qa.answers][:with_context]
     return (qa_examples(doc) if closed_book else []) + [
-        Example(user_message(qa.question, qa.contexts or [doc.text]), qa.answers[0] + ANSWER_END) for qa in read
+        Example(
+            user_message(qa.question, qa.contexts or [doc.text]),
+            (answer_clause(doc.text, qa.answers[0]) if quote else qa.answers[0]) + ANSWER_END,
+        )
+        for qa in read
     ]
+
+
+def answer_clause(text: str, answer: str) -> str:
+    """The clause (see _clause) of the first sentence of text that holds answer, the whole sentence where the
+    answer crosses a clause boundary, or the answer alone where no sentence holds it: an answer in the document's
+    own words, long enough to carry the span when the reader is unsure where it starts and ends."""
+    for sent in sentences(text):
+        body = sent.rstrip(".!? ")
+        start = body.find(answer)
+        if start >= 0:
+            clause = _clause(body, start)
+            return clause if answer in clause else body
+    return answer
 
 
 def lm_examples(doc: Document) -> list[Example]:
@@ -174,6 +194,7 @@ EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "reading": partial(reading_examples, closed_book=False),
     "qa+reading-2": partial(reading_examples, with_context=2),
     "qa+reading-3": partial(reading_examples, with_context=3),
+    "qa+reading-quote": partial(reading_examples, quote=True),
     "lm": lm_examples,
     "cloze": cloze_examples,
     "questions": question_examples,

@@ -48,7 +48,7 @@ def top_hidden(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int) -
 
 def row_mean(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
     """Mean of values (N,) per row index (N,) -> (n_rows,); rows without values get 0."""
-    total = torch.zeros(n_rows, dtype=values.dtype).index_add(0, rows, values)
+    total = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
     return total / torch.bincount(rows, minlength=n_rows).clamp(min=1)
 
 

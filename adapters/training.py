@@ -132,18 +132,24 @@ def _pad(rows: Sequence[Tensor], value: float | int) -> Tensor:
     return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True, padding_value=value)
 
 
+def model_device(model: CausalLM) -> torch.device:
+    return next(model.parameters()).device
+
+
 class _PrefixCache:
-    """Hidden states at the first adapted layer, per example, computed once without gradient."""
+    """Hidden states at the first adapted layer, per example, computed once without gradient, kept on the model's
+    device (examples are tokenised on the CPU)."""
 
     def __init__(self, model: CausalLM, examples: Sequence[_Encoded], start: int, batch: int = 16) -> None:
         self.start = start
+        self.device = model_device(model)
         self.states: list[Tensor] = [torch.empty(0)] * len(examples)
         order = _by_length(examples)  # batches of similar length: little padding
         with torch.no_grad():
             for i in range(0, len(order), batch):
                 chunk = order[i : i + batch]
-                ids = _pad([examples[j].ids for j in chunk], 0)  # (B, T)
-                mask = _pad([torch.ones_like(examples[j].ids) for j in chunk], 0)  # (B, T)
+                ids = _pad([examples[j].ids for j in chunk], 0).to(self.device)  # (B, T)
+                mask = _pad([torch.ones_like(examples[j].ids) for j in chunk], 0).to(self.device)  # (B, T)
                 h = run_layers(model, embed(model, ids), mask, 0, start)  # (B, T, d)
                 for row, j in enumerate(chunk):
                     self.states[j] = h[row, : len(examples[j].ids)]
@@ -152,7 +158,7 @@ class _PrefixCache:
         h = _pad([self.states[i] for i in idx], 0.0)  # (B, T, d)
         mask = _pad([torch.ones(len(examples[i].ids), dtype=torch.long) for i in idx], 0)  # (B, T)
         labels = _pad([examples[i].labels for i in idx], IGNORE)  # (B, T)
-        return h, mask, labels
+        return h, mask.to(self.device), labels.to(self.device)
 
 
 def _doc_features(
@@ -165,6 +171,7 @@ def _doc_features(
     feats = []
     for text in texts:
         ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids[: cfg.max_tokens]])  # (1, T)
+        ids = ids.to(model_device(model))
         feats.append(token_features(model, cfg.layer, ids, torch.ones_like(ids))[0])  # (T, 2d)
     return feats
 
@@ -172,7 +179,7 @@ def _doc_features(
 def _encode_docs(adapter: PluginAdapter, feats: Sequence[Tensor]) -> Tensor:
     assert adapter.encoder is not None
     x = _pad(list(feats), 0.0)  # (N, T, 2d)
-    mask = _pad([torch.ones(len(f)) for f in feats], 0.0)  # (N, T)
+    mask = _pad([torch.ones(len(f), device=f.device) for f in feats], 0.0)  # (N, T)
     return adapter.encoder(x, mask)  # (N, M, r)
 
 
@@ -187,7 +194,7 @@ def encode_plugins(
 ) -> Tensor:
     """The starting plugins (N, M, r): the encoder's output, or zeros without an encoder."""
     if adapter.encoder is None:
-        return torch.zeros(len(texts), *adapter.plugin_shape)
+        return torch.zeros(len(texts), *adapter.plugin_shape, device=model_device(model))
     with torch.no_grad():
         return _encode_docs(adapter, _doc_features(adapter, model, tokenizer, texts))
 
@@ -263,7 +270,7 @@ def fold_in(
     steps = fold_in_steps(adapter, config)
     if steps == 0:  # the amortised path: one encoder forward, nothing trained, no loss to report
         seconds = (time.perf_counter() - started) / len(texts)
-        return [FoldInResult(x.float().numpy().copy(), None, None, seconds) for x in x0]
+        return [FoldInResult(x.float().cpu().numpy().copy(), None, None, seconds) for x in x0]
     per_doc = fold_in_examples(adapter, model, tokenizer, docs, config)
     examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
@@ -277,14 +284,16 @@ def fold_in(
     precision = step_precision(model, config.precision)
     with precision:
         cache = _PrefixCache(model, examples, adapter.lowest_layer)
-    counts = torch.bincount(torch.tensor([e.doc for e in examples]), minlength=len(texts)).clamp(min=1)  # (N,)
+    device = model_device(model)
+    doc_of_example = torch.tensor([e.doc for e in examples], device=device)
+    counts = torch.bincount(doc_of_example, minlength=len(texts)).clamp(min=1)  # (N,)
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
     # activations, and allocating it each step cost more time (page faults) than the arithmetic.
     order = _by_length(examples)
     chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
     batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = [
         (
-            torch.tensor([examples[i].doc for i in c]),
+            torch.tensor([examples[i].doc for i in c], device=device),
             *cache.batch(c, examples),
             soft_batch([examples[i].soft for i in c], [len(examples[i].ids) for i in c]),
         )
@@ -292,14 +301,14 @@ def fold_in(
     ]
 
     def per_doc_loss(x: Tensor, backward: bool = False) -> Tensor:  # x (N, M, r) -> (N,), mean over examples
-        total = torch.zeros(len(texts))
+        total = torch.zeros(len(texts), device=device)
         for doc_of, h, mask, labels, soft in batches:
             with precision, adapter.use(x[doc_of]):
                 out = top_hidden(model, h, mask, adapter.lowest_layer)  # (b, T, d)
                 rows = label_nll(model, out, labels).float()  # (b,)
                 if soft is not None:
                     rows = rows + config.distill * soft_nll(model, out, soft).float()
-            part = torch.zeros(len(texts)).index_add(0, doc_of, rows) / counts  # (N,)
+            part = torch.zeros(len(texts), device=device).index_add(0, doc_of, rows) / counts  # (N,)
             if backward:  # accumulate per chunk so that only one chunk's activations live at a time
                 part.sum().backward()
             total += part.detach()
@@ -318,7 +327,8 @@ def fold_in(
     with torch.no_grad():
         final = per_doc_loss(x)
     seconds = (time.perf_counter() - started) / len(texts)
-    plugins = x.detach().float().numpy()
+    plugins = x.detach().float().cpu().numpy()
+    final, initial = final.cpu(), initial.cpu()
     return [FoldInResult(plugins[i].copy(), float(final[i]), float(initial[i]), seconds) for i in range(len(texts))]
 
 
@@ -356,7 +366,7 @@ def fit(
     if adapter.encoder is None:
         # one row per document, updated lazily: a document's x moves only on steps that see its examples, as
         # fold-in's does, instead of drifting on the momentum of steps that did not
-        free_x = torch.nn.Embedding(len(docs), int(np.prod(adapter.plugin_shape)), sparse=True)
+        free_x = torch.nn.Embedding(len(docs), int(np.prod(adapter.plugin_shape)), sparse=True, device=cache.device)
         torch.nn.init.zeros_(free_x.weight)
         opts.append(torch.optim.SparseAdam(free_x.parameters(), lr=config.x_lr))
     opts.append(_shared_optimizer(adapter, config))
@@ -371,11 +381,11 @@ def fit(
                 queue = _length_grouped(lengths, config.batch_size, rng)
             idx = queue.pop()
             h, mask, labels = cache.batch(idx, examples)
-            doc_ids = torch.tensor([examples[i].doc for i in idx])  # (B,)
+            doc_ids = torch.tensor([examples[i].doc for i in idx], device=cache.device)  # (B,)
             if free_x is not None:
                 z = free_x(doc_ids).view(len(idx), *adapter.plugin_shape)  # (B, M, r)
                 if config.store is not None:  # only the store examples write x; the others read it
-                    writes = torch.tensor([i >= n_read for i in idx])[:, None, None]  # (B, 1, 1)
+                    writes = torch.tensor([i >= n_read for i in idx], device=cache.device)[:, None, None]  # (B, 1, 1)
                     z = torch.where(writes, z, z.detach())
             else:
                 unique, inverse = torch.unique(doc_ids, return_inverse=True)
@@ -387,7 +397,7 @@ def fit(
             _step(adapter, opts, loss, config.clip)
             losses.append(nll.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    plugins = None if free_x is None else free_x.weight.detach().view(len(docs), *adapter.plugin_shape).numpy()
+    plugins = None if free_x is None else free_x.weight.detach().view(len(docs), *adapter.plugin_shape).cpu().numpy()
     return FitReport(total, losses, time.perf_counter() - started, plugins)
 
 
@@ -468,7 +478,7 @@ def _fit_nested(
             group = queue.pop()
             with _training(adapter, thawed=False):  # as registration: U, V frozen, no gradient kept for them
                 folded = fold_in(adapter, model, tokenizer, [Document(str(d), docs[d].text) for d in group], fold)
-            plugins = torch.from_numpy(np.stack([r.plugin for r in folded]))  # (G, M, r)
+            plugins = torch.from_numpy(np.stack([r.plugin for r in folded])).to(cache.device)  # (G, M, r)
             idx = [i for d in group for i in of_doc[d]]
             row = {d: k for k, d in enumerate(group)}
             h, mask, labels = cache.batch(idx, examples)

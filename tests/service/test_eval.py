@@ -406,6 +406,7 @@ def test_fit_asks_written_store_questions_with_a_writer_it_saves_beside_the_adap
 def test_eval_checks_and_reports_what_the_adapter_was_fitted_on(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from adapters.base_model import pick_device
     from service.cli import main
 
     _squad(tmp_path / "squad.json")
@@ -414,6 +415,7 @@ def test_eval_checks_and_reports_what_the_adapter_was_fitted_on(
     assert main([*fit, "--articles", "1", "--out", str(tmp_path / "a")]) == 0
     meta = json.loads((tmp_path / "a" / "adapter.json").read_text())["extra"]
     assert meta["articles"] == "1" and meta["documents"] == 2 and meta["fit"]["store"] == "questions"
+    assert meta["device"] == str(pick_device("auto"))  # --device auto: recorded as the device it resolved to
     assert main([*fit, "--articles", "0", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "adapter.json").read_text())["extra"]["articles"] == "1,0"
     # the eval's own --fit-articles default does not hide what the adapter was fitted on
