@@ -24,59 +24,16 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class SharedPrefix:
-    """Keys and values of a prompt prefix that every row of a batch starts with, recorded once per plugin row.
-
-    The decoder layers' attention calls ``update`` (the one method of a Hugging Face Cache it uses): while
-    recording, it keeps each layer's keys and values; afterwards it puts them before a batch's own, row i reading
-    prefix row ``rows[i]``. Attention over [prefix; rest] is then exactly that of the whole sequence, without
-    running the prefix once per row.
-    """
-
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
-        self.rows: Tensor | None = None  # None while recording
-
-    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if self.rows is None:
-            self.kv[layer_idx] = (key, value)  # (P_rows, kv_heads, P, head_dim)
-            return key, value
-        k, v = self.kv[layer_idx]
-        return torch.cat([k[self.rows], key], dim=2), torch.cat([v[self.rows], value], dim=2)
-
-
-def run_layers(
-    model: CausalLM,
-    h: Tensor,
-    attention_mask: Tensor,
-    start: int,
-    end: int,
-    prefix: SharedPrefix | None = None,
-    prefix_len: int = 0,
-) -> Tensor:
-    """Decoder layers [start, end) on hidden states h (B, T, d); returns (B, T, d).
-
-    With a recorded prefix (``prefix.rows`` set), h continues it: positions start at ``prefix_len`` and every token
-    also attends to the prefix. A prefix whose rows are None is recorded by this call.
-    """
+def run_layers(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int, end: int) -> Tensor:
+    """Decoder layers [start, end) on hidden states h (B, T, d); returns (B, T, d)."""
     inner = model.model
-    pos = positions(attention_mask) + prefix_len  # (B, T)
+    pos = positions(attention_mask)  # (B, T)
     mask = create_causal_mask(
-        config=model.config,
-        inputs_embeds=h,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=pos - prefix_len,
+        config=model.config, inputs_embeds=h, attention_mask=attention_mask, past_key_values=None, position_ids=pos
     )
-    if prefix is not None and prefix.rows is not None:
-        if mask is None:  # sdpa's causal shortcut: spell the mask out, it now has the prefix's columns too
-            mask = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=h.device).tril()[None, None]
-            mask = mask.expand(h.shape[0], 1, -1, -1)
-        seen = torch.ones if mask.dtype == torch.bool else torch.zeros  # attend: True, or an additive 0
-        mask = torch.cat([seen(*mask.shape[:3], prefix_len, dtype=mask.dtype, device=mask.device), mask], dim=-1)
     rope = inner.rotary_emb(h, position_ids=pos)  # (cos, sin), each (B, T, head_dim)
     for layer in inner.layers[start:end]:
-        h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos, cache=prefix)
+        h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos)
     return h
 
 
@@ -84,17 +41,9 @@ def embed(model: CausalLM, input_ids: Tensor) -> Tensor:
     return model.model.embed_tokens(input_ids)  # (B, T, d)
 
 
-def top_hidden(
-    model: CausalLM,
-    h: Tensor,
-    attention_mask: Tensor,
-    start: int,
-    prefix: SharedPrefix | None = None,
-    prefix_len: int = 0,
-) -> Tensor:
+def top_hidden(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
     """Layers start..n and the final norm on h (B, T, d): the states the LM head reads, (B, T, d)."""
-    n = len(model.model.layers)
-    return model.model.norm(run_layers(model, h, attention_mask, start, n, prefix, prefix_len))
+    return model.model.norm(run_layers(model, h, attention_mask, start, len(model.model.layers)))
 
 
 def row_mean(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:

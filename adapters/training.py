@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -29,20 +30,12 @@ from adapters.distill import SoftBatch, SoftTargets, self_study_examples, soft_b
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
 from adapters.examples import EXAMPLE_BUILDERS, Example, spread
-from adapters.forward import (
-    IGNORE,
-    CausalLM,
-    SharedPrefix,
-    embed,
-    label_nll,
-    run_layers,
-    target_nll,
-    top_hidden,
-)
+from adapters.forward import IGNORE, CausalLM, embed, label_nll, run_layers, target_nll, top_hidden
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
 Precision = Literal["auto", "float32", "bfloat16"]  # of the steps' matrix products; see step_precision
+Attention = Literal["auto", "math", "fused"]  # the steps' attention kernel; see step_attention
 
 
 class FoldInConfig(Schema):
@@ -53,11 +46,9 @@ class FoldInConfig(Schema):
     lr: float = Field(0.1, gt=0)
     l2: float = Field(1e-4, ge=0)
     max_len: int = Field(256, ge=8)
-    micro_batch: int = Field(8, ge=1)
-    # Run the prompt prefix every example starts with (the chat template's system prompt and user header, about a
-    # third of an example's tokens) once per micro-batch, not once per example: the same plugins, less arithmetic
-    # (README, "Fold-in with a shared prompt prefix"). False: every example runs whole, as before.
-    share_prefix: bool = True
+    # Examples per forward and backward: 32 ran a 5-step fold-in 1.2x faster than 8 on 2 cores (fewer, larger
+    # operations; README, "Fold-in speed, measured"), without the several GB that one batch of all examples takes.
+    micro_batch: int = Field(32, ge=1)
     distill: float = Field(0.0, ge=0)  # weight of context distillation (adapters.distill); 0: answer NLL alone
     self_study: int = Field(0, ge=0)  # examples per document written by the model reading it (adapters.distill)
     written: int = Field(0, ge=0)  # questions per document asked by the adapter's question writer (adapters.qgen)
@@ -66,6 +57,9 @@ class FoldInConfig(Schema):
     # a CPU with bfloat16 instructions and moves plugins by about 1% (README, "Fold-in in bfloat16").
     # auto: bfloat16 where the hardware has it, float32 elsewhere, where emulated bfloat16 would be slower.
     precision: Precision = "auto"
+    # The steps' attention kernel. auto: PyTorch's math kernel on a CPU, where the fused (flash) kernel's backward
+    # took a quarter of a fold-in step on these short examples, ten times its forward; the fused default elsewhere.
+    attention: Attention = "auto"
 
 
 class FitConfig(Schema):
@@ -139,23 +133,6 @@ def encode_examples(
 
 def _by_length(examples: Sequence[_Encoded]) -> list[int]:
     return sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-
-
-def _shared_prefix_len(examples: Sequence[_Encoded], minimum: int = 8) -> int:
-    """How many leading tokens every example has in common, none of them a target nor followed by one, and each
-    example keeping a token of its own after them; 0 when fewer than minimum (not worth a separate pass)."""
-    first = examples[0].ids
-    n = min(len(e.ids) for e in examples) - 1
-    for e in examples:
-        targets = (e.labels != IGNORE).nonzero()
-        if len(targets):  # the prefix's last position must not predict a target: the prefix pass has no loss
-            n = min(n, int(targets[0]) - 1)
-        if e.soft is not None:  # nor a distilled token: the teacher's cover the last len(soft.ids) tokens
-            n = min(n, len(e.ids) - len(e.soft.ids) - 1)
-        differ = (e.ids[:n] != first[:n]).nonzero()
-        if len(differ):
-            n = int(differ[0])
-    return n if n >= minimum else 0
 
 
 def _pad(rows: Sequence[Tensor], value: float | int) -> Tensor:
@@ -257,6 +234,15 @@ def step_precision(model: CausalLM, precision: Precision) -> contextlib.Abstract
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
+def step_attention(
+    model: CausalLM, attention: Literal["auto", "math", "fused"]
+) -> contextlib.AbstractContextManager[object]:
+    """A fresh context for fold-in's steps that picks their attention kernel (see FoldInConfig.attention)."""
+    if attention == "fused" or (attention == "auto" and model_device(model).type != "cpu"):
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def fold_in_examples(
     adapter: PluginAdapter,
     model: CausalLM,
@@ -318,35 +304,23 @@ def fold_in(
     doc_of_example = torch.tensor([e.doc for e in examples], device=device)
     counts = torch.bincount(doc_of_example, minlength=len(texts)).clamp(min=1)  # (N,)
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
-    # activations, and allocating it each step cost more time (page faults) than the arithmetic. With a shared
-    # prefix, each micro-batch holds one document's examples, whose prefix states then depend on one plugin.
-    shared = _shared_prefix_len(examples) if config.share_prefix else 0
+    # activations, and allocating it each step cost more time (page faults) than the arithmetic.
     order = _by_length(examples)
-    groups = [[i for i in order if examples[i].doc == d] for d in range(len(texts))] if shared else [order]
-    chunks = [g[i : i + config.micro_batch] for g in groups for i in range(0, len(g), config.micro_batch)]
-    batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = []
-    for c in chunks:
-        h, mask, labels = cache.batch(c, examples)
-        taught = soft_batch([examples[i].soft for i in c], [len(examples[i].ids) - shared for i in c])
-        doc_of = torch.tensor([examples[i].doc for i in c], device=device)
-        batches.append((doc_of, h[:, shared:], mask[:, shared:], labels[:, shared:], taught))
-    head = cache.states[0][None, :shared]  # (1, P, d): the prefix's states below the adapter, the same for all
-    head_mask = torch.ones(1, shared, device=device)
-    n_layers = len(model.model.layers)
+    chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
+    batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = [
+        (
+            torch.tensor([examples[i].doc for i in c], device=device),
+            *cache.batch(c, examples),
+            soft_batch([examples[i].soft for i in c], [len(examples[i].ids) for i in c]),
+        )
+        for c in chunks
+    ]
 
     def per_doc_loss(x: Tensor, backward: bool = False) -> Tensor:  # x (N, M, r) -> (N,), mean over examples
         total = torch.zeros(len(texts), device=device)
         for doc_of, h, mask, labels, soft in batches:
-            prefix = None
-            if shared:  # the chunk's one document's prefix, recorded through the adapted layers with its plugin
-                prefix = SharedPrefix()
-                with precision, adapter.use(x[doc_of[:1]]):
-                    run_layers(model, head, head_mask, adapter.lowest_layer, n_layers, prefix)
-                if len(prefix.kv) != n_layers - adapter.lowest_layer:  # a transformers whose layers ignore `cache`
-                    raise RuntimeError("the decoder layers did not record the shared prefix: fold in without it")
-                prefix.rows = torch.zeros(len(doc_of), dtype=torch.long, device=device)
-            with precision, adapter.use(x[doc_of]):
-                out = top_hidden(model, h, mask, adapter.lowest_layer, prefix, shared)  # (b, T, d)
+            with precision, step_attention(model, config.attention), adapter.use(x[doc_of]):
+                out = top_hidden(model, h, mask, adapter.lowest_layer)  # (b, T, d)
                 rows = label_nll(model, out, labels).float()  # (b,)
                 if soft is not None:
                     rows = rows + config.distill * soft_nll(model, out, soft).float()

@@ -16,17 +16,7 @@ from adapters.encoder import EncoderConfig
 from adapters.errors import CheckpointError, InvalidInputError
 from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
-from adapters.training import (
-    FitConfig,
-    FoldInConfig,
-    _shared_prefix_len,
-    build_examples,
-    encode_examples,
-    fit,
-    fold_in,
-    resolved_precision,
-    step_precision,
-)
+from adapters.training import FitConfig, FoldInConfig, build_examples, fit, fold_in, resolved_precision, step_precision
 
 TEXT = "The Eiffel Tower in Paris was completed in 1889 by Gustave Eiffel for the World Fair."
 
@@ -105,9 +95,8 @@ def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(
             assert float(abs(a.plugin - b.plugin).max()) < 1e-4
 
 
-@pytest.mark.parametrize("distill", [0.0, 1.0])
-def test_fold_in_with_a_shared_prompt_prefix_makes_the_same_plugins(
-    tiny: BaseModel, tiny_adapter: PluginAdapter, distill: float
+def test_fold_in_makes_the_same_plugins_with_either_attention_kernel(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
 ) -> None:
     texts = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
     runs = [
@@ -116,24 +105,14 @@ def test_fold_in_with_a_shared_prompt_prefix_makes_the_same_plugins(
             tiny.model,
             tiny.tokenizer,
             texts,
-            FoldInConfig(steps=4, lr=0.2, micro_batch=3, distill=distill, precision="float32", share_prefix=share),
+            FoldInConfig(steps=4, lr=0.2, precision="float32", attention=kernel),
         )
-        for share in (False, True)
+        for kernel in ("fused", "math", "auto")
     ]
-    for whole, shared in zip(*runs, strict=True):
-        assert whole.loss is not None and shared.loss is not None
-        assert abs(whole.loss - shared.loss) < 1e-4 and abs(whole.initial_loss - shared.initial_loss) < 1e-4
-        assert float(abs(whole.plugin - shared.plugin).max()) < 1e-4
-        assert float(abs(shared.plugin).max()) > 0.1  # the steps moved it: the equality is not two zeros
-
-
-def test_the_shared_prefix_is_the_chat_template_up_to_the_question(tiny: BaseModel) -> None:
-    docs = [Document("d", TEXT)]
-    examples = [e for exs in build_examples("questions", docs) for e in encode_examples(tiny.tokenizer, 0, exs, 256)]
-    head = tiny.tokenizer(chat_prompt(tiny.tokenizer, "Q").split("Q")[0], add_special_tokens=False).input_ids
-    assert len(examples) > 1 and _shared_prefix_len(examples) == len(head)
-    assert _shared_prefix_len(examples[:1]) > len(head)  # one example: all of its prompt is shared with itself
-    assert _shared_prefix_len(examples, minimum=len(head) + 1) == 0
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert float(abs(a.plugin - b.plugin).max()) < 1e-4
+            assert float(abs(a.plugin).max()) > 0.1  # the steps moved it: the equality is not two zeros
 
 
 def test_bfloat16_fold_in_lands_near_float32_and_keeps_plugins_float32(
