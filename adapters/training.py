@@ -234,9 +234,7 @@ def step_precision(model: CausalLM, precision: Precision) -> contextlib.Abstract
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
-def step_attention(
-    model: CausalLM, attention: Literal["auto", "math", "fused"]
-) -> contextlib.AbstractContextManager[object]:
+def step_attention(model: CausalLM, attention: Attention) -> contextlib.AbstractContextManager[object]:
     """A fresh context for fold-in's steps that picks their attention kernel (see FoldInConfig.attention)."""
     if attention == "fused" or (attention == "auto" and model_device(model).type != "cpu"):
         return contextlib.nullcontext()
