@@ -16,9 +16,19 @@ from adapters.encoder import EncoderConfig
 from adapters.errors import CheckpointError, InvalidInputError
 from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
-from adapters.training import FitConfig, FoldInConfig, build_examples, fit, fold_in, resolved_precision, step_precision
+from adapters.training import (
+    FitConfig,
+    FoldInConfig,
+    FoldInResult,
+    build_examples,
+    fit,
+    fold_in,
+    resolved_precision,
+    step_precision,
+)
 
 TEXT = "The Eiffel Tower in Paris was completed in 1889 by Gustave Eiffel for the World Fair."
+TEXTS = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
 
 
 def _base_weights(base: BaseModel) -> dict[str, torch.Tensor]:
@@ -48,11 +58,10 @@ def test_fold_in_rejects_empty_text(tiny: BaseModel, tiny_adapter: PluginAdapter
 
 
 def test_fold_in_of_several_documents_equals_one_at_a_time(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
-    texts = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
     together = fold_in(
-        tiny_adapter, tiny.model, tiny.tokenizer, texts, FoldInConfig(steps=5, lr=0.2, precision="float32")
+        tiny_adapter, tiny.model, tiny.tokenizer, TEXTS, FoldInConfig(steps=5, lr=0.2, precision="float32")
     )
-    for text, joint in zip(texts, together, strict=True):
+    for text, joint in zip(TEXTS, together, strict=True):
         [alone] = fold_in(
             tiny_adapter, tiny.model, tiny.tokenizer, [text], FoldInConfig(steps=5, lr=0.2, precision="float32")
         )
@@ -74,21 +83,23 @@ def test_fold_in_reports_the_loss_of_the_starting_plugin_as_initial(
     assert moved.loss < moved.initial_loss - 0.05
 
 
+def _fold_in_each(tiny: BaseModel, adapter: PluginAdapter, configs: list[FoldInConfig]) -> list[list[FoldInResult]]:
+    """TEXTS folded in once per config: what must not depend on how the steps are computed."""
+    return [fold_in(adapter, tiny.model, tiny.tokenizer, TEXTS, config) for config in configs]
+
+
 @pytest.mark.parametrize("distill", [0.0, 1.0])
 def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(
     tiny: BaseModel, tiny_adapter: PluginAdapter, distill: float
 ) -> None:
-    texts = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
-    runs = [
-        fold_in(
-            tiny_adapter,
-            tiny.model,
-            tiny.tokenizer,
-            texts,
-            FoldInConfig(steps=4, lr=0.2, micro_batch=size, distill=distill, precision="float32"),
-        )
-        for size in (1, 3, 1000)
-    ]
+    runs = _fold_in_each(
+        tiny,
+        tiny_adapter,
+        [
+            FoldInConfig(steps=4, lr=0.2, micro_batch=size, distill=distill, precision="float32")
+            for size in (1, 3, 1000)
+        ],
+    )
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert abs(a.loss - b.loss) < 1e-4
@@ -98,17 +109,11 @@ def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(
 def test_fold_in_makes_the_same_plugins_with_either_attention_kernel(
     tiny: BaseModel, tiny_adapter: PluginAdapter
 ) -> None:
-    texts = [TEXT, "Marie Curie won the Nobel Prize in Physics in 1903 and in Chemistry in 1911."]
-    runs = [
-        fold_in(
-            tiny_adapter,
-            tiny.model,
-            tiny.tokenizer,
-            texts,
-            FoldInConfig(steps=4, lr=0.2, precision="float32", attention=kernel),
-        )
-        for kernel in ("fused", "math", "auto")
-    ]
+    runs = _fold_in_each(
+        tiny,
+        tiny_adapter,
+        [FoldInConfig(steps=4, lr=0.2, precision="float32", attention=kernel) for kernel in ("fused", "math", "auto")],
+    )
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert float(abs(a.plugin - b.plugin).max()) < 1e-4
