@@ -83,7 +83,10 @@ class PluginLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.index = index
+        # the module's row of z, as a tensor: an int attribute would specialise a compiled layer to this module
+        # (torch.compile guards on it), where a tensor lets every adapted layer share one compiled graph
+        self.slot: Tensor
+        self.register_buffer("slot", torch.tensor([index]), persistent=False)
         self.scale = scale
         out_f, in_f = base.out_features, base.in_features
         gen = torch.Generator().manual_seed(seed * 7919 + index)
@@ -99,7 +102,7 @@ class PluginLinear(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:  # h (B, T, in)
         st = self._state
-        zm = None if st.z is None else st.z[:, self.index, :]  # (B, r)
+        zm = None if st.z is None else st.z.index_select(1, self.slot)[:, 0]  # (B, r)
         delta = low_rank_delta(h, self.U, self.V, self.A, zm, self.scale, st.gate, st.shared)  # (B, T, out)
         return self.base(h) + delta
 

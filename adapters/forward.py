@@ -7,6 +7,7 @@ target positions alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from transformers.masking_utils import create_causal_mask
 IGNORE = -100
 # A Hugging Face causal LM of the Llama family (model.model.layers, rotary_emb, norm; lm_head): duck-typed.
 CausalLM = Any
+# One decoder layer's forward: (layer, h, mask, (cos, sin), position ids) -> h
+LayerCall = Callable[[Any, Tensor, Any, tuple[Tensor, Tensor], Tensor], Tensor]
 
 
 def positions(attention_mask: Tensor) -> Tensor:
@@ -24,8 +27,15 @@ def positions(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def run_layers(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int, end: int) -> Tensor:
-    """Decoder layers [start, end) on hidden states h (B, T, d); returns (B, T, d)."""
+def call_layer(layer: Any, h: Tensor, mask: Any, rope: tuple[Tensor, Tensor], pos: Tensor) -> Tensor:
+    """One decoder layer on h (B, T, d): the unit that fold-in may compile (adapters.training.compiled_layer)."""
+    return layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+
+
+def run_layers(
+    model: CausalLM, h: Tensor, attention_mask: Tensor, start: int, end: int, call: LayerCall = call_layer
+) -> Tensor:
+    """Decoder layers [start, end) on hidden states h (B, T, d), each through call; returns (B, T, d)."""
     inner = model.model
     pos = positions(attention_mask)  # (B, T)
     mask = create_causal_mask(
@@ -33,7 +43,7 @@ def run_layers(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int, e
     )
     rope = inner.rotary_emb(h, position_ids=pos)  # (cos, sin), each (B, T, head_dim)
     for layer in inner.layers[start:end]:
-        h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+        h = call(layer, h, mask, rope, pos)
     return h
 
 
@@ -41,9 +51,9 @@ def embed(model: CausalLM, input_ids: Tensor) -> Tensor:
     return model.model.embed_tokens(input_ids)  # (B, T, d)
 
 
-def top_hidden(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int) -> Tensor:
+def top_hidden(model: CausalLM, h: Tensor, attention_mask: Tensor, start: int, call: LayerCall = call_layer) -> Tensor:
     """Layers start..n and the final norm on h (B, T, d): the states the LM head reads, (B, T, d)."""
-    return model.model.norm(run_layers(model, h, attention_mask, start, len(model.model.layers)))
+    return model.model.norm(run_layers(model, h, attention_mask, start, len(model.model.layers), call))
 
 
 def row_mean(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:

@@ -9,11 +9,12 @@ and cached; each step runs only the adapted top of the network, and the LM head 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,7 +31,17 @@ from adapters.distill import SoftBatch, SoftTargets, self_study_examples, soft_b
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
 from adapters.examples import EXAMPLE_BUILDERS, Example, spread
-from adapters.forward import IGNORE, CausalLM, embed, label_nll, run_layers, target_nll, top_hidden
+from adapters.forward import (
+    IGNORE,
+    CausalLM,
+    LayerCall,
+    call_layer,
+    embed,
+    label_nll,
+    run_layers,
+    target_nll,
+    top_hidden,
+)
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
@@ -60,6 +71,10 @@ class FoldInConfig(Schema):
     # The steps' attention kernel. auto: PyTorch's math kernel on a CPU, where the fused (flash) kernel's backward
     # took a quarter of a fold-in step on these short examples, ten times its forward; the fused default elsewhere.
     attention: Attention = "auto"
+    # Run the steps' decoder layers through torch.compile (compiled_layer): 1.6x faster steps on 2 cores, where most
+    # of an eager step was elementwise work and copies between the matrix products (README, "Fold-in speed,
+    # measured"), for a compilation of about a minute once per process (seconds with Inductor's disk cache warm).
+    compile: bool = False
 
 
 class FitConfig(Schema):
@@ -241,6 +256,23 @@ def step_attention(model: CausalLM, attention: Attention) -> contextlib.Abstract
     return sdpa_kernel(SDPBackend.MATH)
 
 
+@functools.cache
+def compiled_layer() -> LayerCall:
+    """call_layer through torch.compile, shared by every layer: identical layers reuse one compiled graph (a plugin
+    module's row of z is a tensor, not an int to specialise on), so fold-in compiles a few graphs, not one per layer.
+    Dynamic shapes: batches of any size and length reuse them."""
+    compiled = torch.compile(call_layer, dynamic=True)
+
+    # One graph per kind of layer (adapted, plain, the first: its input needs no gradient), with and without
+    # gradients (the final loss), with and without a padding mask: more than Dynamo's default of 8 graphs per
+    # function, past which it would run the layers uncompiled.
+    @torch._dynamo.config.patch(recompile_limit=64)
+    def call(layer: Any, h: Tensor, mask: Any, rope: tuple[Tensor, Tensor], pos: Tensor) -> Tensor:
+        return compiled(layer, h, mask, rope, pos)
+
+    return call
+
+
 def fold_in_examples(
     adapter: PluginAdapter,
     model: CausalLM,
@@ -304,6 +336,7 @@ def fold_in(
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
     # activations, and allocating it each step cost more time (page faults) than the arithmetic.
     order = _by_length(examples)
+    layer_call = compiled_layer() if config.compile else call_layer
     chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
     batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = [
         (
@@ -318,7 +351,7 @@ def fold_in(
         total = torch.zeros(len(texts), device=device)
         for doc_of, h, mask, labels, soft in batches:
             with precision, step_attention(model, config.attention), adapter.use(x[doc_of]):
-                out = top_hidden(model, h, mask, adapter.lowest_layer)  # (b, T, d)
+                out = top_hidden(model, h, mask, adapter.lowest_layer, layer_call)  # (b, T, d)
                 rows = label_nll(model, out, labels).float()  # (b,)
                 if soft is not None:
                     rows = rows + config.distill * soft_nll(model, out, soft).float()

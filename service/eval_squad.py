@@ -187,6 +187,7 @@ class SquadEval:
             "results": results,
             "retrieval_recall_at_k": recall,
             "fold_in_seconds_per_doc": fold_s,
+            "fold_in_warmup_seconds": rt.fold_in_warmup_s,  # compiling fold-in at start-up; None: not compiled
             "bytes_per_plugin": rt.store.plugin_bytes,
             **analysis,
             "config": {
@@ -458,7 +459,11 @@ def _fold_in_method(cfg: dict[str, Any]) -> str:
     made = " + ".join([*sources, fold["examples"]])
     distill = f" + context distillation x{fold['distill']}" if fold.get("distill") else ""
     precision = f", {cfg['fold_in_precision']}" if cfg.get("fold_in_precision") == "bfloat16" else ""
-    return f"{'encoder + ' if encoder else ''}{steps} steps on {made} examples{distill}, lr {fold['lr']}{precision}"
+    compiled = ", compiled" if fold.get("compile") else ""
+    return (
+        f"{'encoder + ' if encoder else ''}{steps} steps on {made} examples{distill}, lr {fold['lr']}{precision}"
+        f"{compiled}"
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -472,10 +477,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['latency_ms']:.0f} | {r['n']} |"
         )
     sim, cfg = report["similarity"], report["config"]
+    warmup = report.get("fold_in_warmup_seconds")
+    warm = f" (after compiling it at start-up in {warmup:.0f} s)" if warmup else ""
     lines += [
         "",
         f"Retrieval recall@{cfg['top_k']}: {report['retrieval_recall_at_k']:.3f}. "
-        f"Fold-in ({_fold_in_method(cfg)}): {report['fold_in_seconds_per_doc']:.3f} s per paragraph. "
+        f"Fold-in ({_fold_in_method(cfg)}): {report['fold_in_seconds_per_doc']:.3f} s per paragraph{warm}. "
         f"Plugin: {report['bytes_per_plugin']} bytes ({cfg.get('plugin_format', 'float16')}).",
         f"Nearest neighbour from the same article: plugins {sim['plugin_nn_same_article']:.3f}, "
         f"MiniLM embeddings {sim['embedding_nn_same_article']:.3f} (chance {sim['chance']:.3f}).",

@@ -16,6 +16,7 @@ from adapters.adapter import PluginAdapter
 from adapters.base_model import BaseModel, load_base_model
 from adapters.plugin import compose, retrieval_weights
 from adapters.prompts import chat_prompt, user_message
+from adapters.training import fold_in, fold_in_steps
 from index.embedder import Embedder
 from index.store import PluginStore
 from service.engine import Engine, GenerationRequest, RequestHandle
@@ -25,6 +26,13 @@ from service.registrar import Registrar
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Folded in at start-up when fold-in is compiled, so that the first registration does not wait for the compiler.
+WARM_UP_TEXT = (
+    "The Eiffel Tower was built by Gustave Eiffel's company for the 1889 World's Fair in Paris. It is 330 metres "
+    "tall and was the tallest man-made structure in the world until 1930. About seven million people visit it "
+    "each year, and it was painted for the nineteenth time in 2019."
+)
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Runtime:
         self.store: PluginStore
         self.engine: Engine
         self.registrar: Registrar
+        self.fold_in_warmup_s: float | None = None  # the compilation, when fold-in is compiled
 
     def load(self) -> None:
         s = self.settings
@@ -57,6 +66,8 @@ class Runtime:
         self.engine = Engine(max_batch=s.max_batch, queue_size=s.queue_size)
         self.engine.start()
         self.engine.call(self._load_models).result()  # torch runs on the engine's thread only
+        if s.fold_in.compile and fold_in_steps(self.adapter, s.fold_in) > 0:
+            self.engine.call(self._warm_up_fold_in).result()
         assert self.adapter.checkpoint_id is not None
         self.store = PluginStore(
             s.data_dir / "store",
@@ -88,6 +99,12 @@ class Runtime:
         self.base = load_base_model(s.model, s.cache_dir)
         self.adapter = PluginAdapter.load(s.adapter_dir(), self.base)
         self.embedder = Embedder(s.embedder)
+
+    def _warm_up_fold_in(self) -> None:
+        started = time.perf_counter()
+        fold_in(self.adapter, self.base.model, self.base.tokenizer, [WARM_UP_TEXT], self.settings.fold_in)
+        self.fold_in_warmup_s = time.perf_counter() - started
+        log.info("fold-in compiled in %.1f s", self.fold_in_warmup_s)
 
     def search(self, query: str, top_k: int) -> list[tuple[str, float]]:
         """Embed and search on the engine's thread: a FAISS search on a request thread left an OpenMP team there

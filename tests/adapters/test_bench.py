@@ -10,7 +10,7 @@ from adapters.bench import bench_adapter
 from adapters.encoder import EncoderConfig
 
 
-def test_bench_adapter_times_decoding_and_both_fold_ins(tmp_path: Path) -> None:
+def test_bench_adapter_times_decoding_and_every_fold_in(tmp_path: Path) -> None:
     config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=16))
     PluginAdapter(tiny_model(), config).save(tmp_path / "adapter")
     result = bench_adapter(tmp_path / "adapter", TINY_MODEL, new_tokens=4, repeats=1, refine_repeats=1)
@@ -19,5 +19,10 @@ def test_bench_adapter_times_decoding_and_both_fold_ins(tmp_path: Path) -> None:
     now, before = result["refined_fold_in_seconds"], result["refined_fold_in_seconds_before"]
     assert now > 0 and before > 0
     assert abs(result["refined_fold_in_speedup"] - before / now) < 0.01 * before / now + 1e-3
+    compiled = result["refined_fold_in_seconds_compiled"]
+    assert (
+        compiled > 0 and abs(result["refined_fold_in_compiled_speedup"] - now / compiled) < 0.01 * now / compiled + 1e-3
+    )
+    assert result["refined_fold_in_first_compiled_seconds"] > 0
     assert result["bytes_per_plugin"] == 4 * 4 * 2  # 2 layers x (o, down) = 4 modules, rank 4, float16 at rest
     assert result["plugin_shape"] == [4, 4] and result["fold_in_document_words"] == 159

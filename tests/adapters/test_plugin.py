@@ -63,7 +63,7 @@ def test_wrapped_module_matches_dense_weight_in_a_model(tiny: BaseModel, tiny_ad
     x = torch.randn(1, *tiny_adapter.plugin_shape)
     with tiny_adapter.use(x):
         y = module(h)
-    dense = module.base.weight + delta_weight(module.U, module.V, module.A, x[0, module.index], module.scale)
+    dense = module.base.weight + delta_weight(module.U, module.V, module.A, x[0, int(module.slot)], module.scale)
     torch.testing.assert_close(y, h @ dense.T)
 
 

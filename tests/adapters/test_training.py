@@ -106,14 +106,12 @@ def test_fold_in_micro_batches_accumulate_the_full_batch_gradient(
             assert float(abs(a.plugin - b.plugin).max()) < 1e-4
 
 
-def test_fold_in_makes_the_same_plugins_with_either_attention_kernel(
+def test_fold_in_makes_the_same_plugins_with_either_attention_kernel_compiled_or_not(
     tiny: BaseModel, tiny_adapter: PluginAdapter
 ) -> None:
-    runs = _fold_in_each(
-        tiny,
-        tiny_adapter,
-        [FoldInConfig(steps=4, lr=0.2, precision="float32", attention=kernel) for kernel in ("fused", "math", "auto")],
-    )
+    configs = [FoldInConfig(steps=4, lr=0.2, precision="float32", attention=k) for k in ("fused", "math", "auto")]
+    compiled = FoldInConfig(steps=4, lr=0.2, precision="float32", compile=True)
+    runs = _fold_in_each(tiny, tiny_adapter, [*configs, compiled])
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert float(abs(a.plugin - b.plugin).max()) < 1e-4

@@ -199,6 +199,24 @@ def test_eval_keeps_plugins_in_the_format_asked_and_reports_their_bytes(tmp_path
     assert "(float8)" in markdown(report)
 
 
+def test_compiled_fold_in_is_compiled_at_start_up_and_answers_as_the_uncompiled_one(tmp_path: Path) -> None:
+    _squad(tmp_path / "squad.json")
+    PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o", "down"], layers=[1, 3])).save(tmp_path / "adapter")
+    reports = []
+    for compiled in (False, True):
+        fold = FoldInConfig(steps=2, lr=0.5, precision="float32", compile=compiled)
+        options = _options(
+            tmp_path, max_paragraphs=3, max_new_tokens=3, capacity_paragraphs=0, fold_in=fold,
+            runs=[("plugins", "oracle")],
+        )  # fmt: skip
+        reports.append(eval_squad(options, tmp_path / f"compiled-{compiled}.json"))
+    plain, compiled = reports
+    assert plain["fold_in_warmup_seconds"] is None and compiled["fold_in_warmup_seconds"] > 0
+    assert "compiled" in markdown(compiled) and "compiled" not in markdown(plain)
+    answers = [(tmp_path / f"compiled-{c}.answers.jsonl").read_text().splitlines() for c in (False, True)]
+    assert answers[0] == answers[1] and len(answers[0]) == 3
+
+
 def test_eval_composes_retrieved_plugins_at_the_temperature_asked_and_records_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
