@@ -14,6 +14,7 @@ import torch
 
 from adapters.adapter import PluginAdapter
 from adapters.base_model import BaseModel, load_base_model
+from adapters.errors import KplugError
 from adapters.plugin import compose, retrieval_weights
 from adapters.prompts import chat_prompt, user_message
 from adapters.training import fold_in, fold_in_steps
@@ -65,9 +66,13 @@ class Runtime:
         started = time.perf_counter()
         self.engine = Engine(max_batch=s.max_batch, queue_size=s.queue_size)
         self.engine.start()
-        self.engine.call(self._load_models).result()  # torch runs on the engine's thread only
-        if s.fold_in.compile and fold_in_steps(self.adapter, s.fold_in) > 0:
-            self.engine.call(self._warm_up_fold_in).result()
+        try:
+            self.engine.call(self._load_models).result()  # torch runs on the engine's thread only
+            if s.fold_in.compile and fold_in_steps(self.adapter, s.fold_in) > 0:
+                self.engine.call(self._warm_up_fold_in).result()
+        except BaseException:
+            self.engine.stop()
+            raise
         assert self.adapter.checkpoint_id is not None
         self.store = PluginStore(
             s.data_dir / "store",
@@ -102,7 +107,13 @@ class Runtime:
 
     def _warm_up_fold_in(self) -> None:
         started = time.perf_counter()
-        fold_in(self.adapter, self.base.model, self.base.tokenizer, [WARM_UP_TEXT], self.settings.fold_in)
+        try:
+            fold_in(self.adapter, self.base.model, self.base.tokenizer, [WARM_UP_TEXT], self.settings.fold_in)
+        except Exception as exc:  # e.g. no C++ compiler for Inductor (the Docker image has none)
+            raise KplugError(
+                f"compiling fold-in failed ({type(exc).__name__}: {exc}); unset KPLUG_FOLD_IN__COMPILE to fold in "
+                "uncompiled"
+            ) from exc
         self.fold_in_warmup_s = time.perf_counter() - started
         log.info("fold-in compiled in %.1f s", self.fold_in_warmup_s)
 

@@ -13,7 +13,7 @@ from adapters.adapter import AdapterConfig, PluginAdapter
 from adapters.base_model import tiny_model
 from adapters.corpus import QA, Document
 from adapters.encoder import EncoderConfig
-from adapters.errors import InvalidInputError
+from adapters.errors import InvalidInputError, KplugError
 from adapters.metrics import f1
 from adapters.plugin import retrieval_weights
 from adapters.training import FoldInConfig
@@ -30,7 +30,9 @@ from service.eval_squad import (
     parse_runs,
     sample_paragraphs,
 )
+from service.metrics import Metrics
 from service.runtime import Runtime
+from service.settings import Settings
 
 
 def _squad(path: Path) -> None:
@@ -215,6 +217,23 @@ def test_compiled_fold_in_is_compiled_at_start_up_and_answers_as_the_uncompiled_
     assert "compiled" in markdown(compiled) and "compiled" not in markdown(plain)
     answers = [(tmp_path / f"compiled-{c}.answers.jsonl").read_text().splitlines() for c in (False, True)]
     assert answers[0] == answers[1] and len(answers[0]) == 3
+
+
+def test_fold_in_that_cannot_compile_stops_start_up_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
+
+    def no_compiler(*args: Any) -> None:
+        raise RuntimeError("no working C++ compiler found")
+
+    monkeypatch.setattr("service.runtime.fold_in", no_compiler)
+    fold = FoldInConfig(steps=1, compile=True)
+    runtime = Runtime(Settings(data_dir=tmp_path, model="tiny", adapter=tmp_path / "adapter", fold_in=fold), Metrics())
+    with pytest.raises(KplugError, match=r"C\+\+ compiler.*KPLUG_FOLD_IN__COMPILE"):
+        runtime.load()
+    thread = runtime.engine._thread  # stopped, not left waiting for work that never comes
+    assert not runtime.ready and thread is not None and not thread.is_alive()
 
 
 def test_eval_composes_retrieved_plugins_at_the_temperature_asked_and_records_it(
