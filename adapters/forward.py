@@ -72,6 +72,8 @@ def label_nll(model: CausalLM, out: Tensor, labels: Tensor) -> Tensor:
     return row_mean(token_nll, rows, labels.shape[0])
 
 
-def target_nll(model: CausalLM, h: Tensor, attention_mask: Tensor, labels: Tensor, start: int) -> Tensor:
+def target_nll(
+    model: CausalLM, h: Tensor, attention_mask: Tensor, labels: Tensor, start: int, call: LayerCall = call_layer
+) -> Tensor:
     """Mean next-token NLL per row (B,) on labelled positions, running layers start..n from h (B, T, d)."""
-    return label_nll(model, top_hidden(model, h, attention_mask, start), labels)
+    return label_nll(model, top_hidden(model, h, attention_mask, start, call), labels)

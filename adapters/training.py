@@ -105,6 +105,7 @@ class FitConfig(Schema):
     seed: int = 0
     # as FoldInConfig.precision; float32 by default until a bfloat16 fit is compared with a float32 one
     precision: Precision = "float32"
+    compile: bool = False  # as FoldInConfig.compile, for the fit's steps (and a nested fit's fold-ins)
 
 
 @dataclass
@@ -418,6 +419,7 @@ def fit(
         opts.append(torch.optim.SparseAdam(free_x.parameters(), lr=config.x_lr))
     opts.append(_shared_optimizer(adapter, config))
     total = max(1, int(config.epochs * len(examples) / config.batch_size))
+    layer_call = compiled_layer() if config.compile else call_layer
     lengths = [len(e.ids) for e in examples]
     queue: list[list[int]] = []
     losses: list[float] = []
@@ -439,7 +441,7 @@ def fit(
                 with precision:
                     z = _encode_docs(adapter, [feats[int(u)] for u in unique])[inverse].float()  # (B, M, r)
             with precision, adapter.use(z):
-                nll = target_nll(model, h, mask, labels, adapter.lowest_layer).float().mean()
+                nll = target_nll(model, h, mask, labels, adapter.lowest_layer, layer_call).float().mean()
             loss = nll + config.l2 * (z**2).sum(dim=(1, 2)).mean()
             _step(adapter, opts, loss, config.clip)
             losses.append(nll.item())
@@ -455,6 +457,7 @@ def _store_fold_in(config: FitConfig, **more: object) -> FoldInConfig:
         written=config.store_written,
         max_examples=config.store_examples,
         precision=config.precision,
+        compile=config.compile,
         **more,
     )
 
@@ -513,6 +516,7 @@ def _fit_nested(
         of_doc.setdefault(e.doc, []).append(i)
     readable = sorted(of_doc)  # documents with questions to read their plugin with
     opt = _shared_optimizer(adapter, config)
+    layer_call = compiled_layer() if config.compile else call_layer
     total = max(1, int(config.epochs * len(readable) / config.batch_size))
     queue: list[list[int]] = []
     losses: list[float] = []
@@ -530,7 +534,7 @@ def _fit_nested(
             row = {d: k for k, d in enumerate(group)}
             h, mask, labels = cache.batch(idx, examples)
             with precision, adapter.use(plugins[[row[examples[i].doc] for i in idx]]):
-                nll = target_nll(model, h, mask, labels, adapter.lowest_layer).float().mean()
+                nll = target_nll(model, h, mask, labels, adapter.lowest_layer, layer_call).float().mean()
             _step(adapter, [opt], nll, config.clip)
             losses.append(nll.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")

@@ -110,6 +110,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         max_len=args.max_len,
         seed=args.seed,
         precision=args.precision,
+        compile=args.compile,
     )
     report = fit(adapter, base.model, base.tokenizer, docs, fit_config)
     extra: dict[str, object] = {
@@ -472,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="the steps' matrix products; auto: bfloat16 where the hardware has it (default float32)",
     )
+    fit.add_argument("--compile", action="store_true", help="run the steps' layers through torch.compile")
     fit.add_argument("--half", action="store_true", help="store U, V and the encoder as float16 (half the size)")
     fit.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda where there is one, else cpu")
     fit.set_defaults(func=cmd_fit)

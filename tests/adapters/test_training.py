@@ -213,6 +213,24 @@ def test_bfloat16_fit_follows_the_float32_one_and_keeps_weights_float32() -> Non
     assert abs(half[0] - full[0]) < 0.05 * full[0] and half != full  # rounded, not another computation
 
 
+def test_compiled_fit_learns_the_same_shared_matrices_and_plugins() -> None:
+    fitted = []
+    for compiled in (False, True):
+        tiny = tiny_model(seed=0)
+        adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[1, 3], seed=3))
+        config = FitConfig(epochs=3, batch_size=2, lr=3e-3, x_lr=0.1, store="questions", compile=compiled)
+        report = fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), config, progress=False)
+        fitted.append((report, _shared(adapter)))
+    (eager, shared), (compiled_report, compiled_shared) = fitted
+    assert eager.plugins is not None and compiled_report.plugins is not None
+    assert float(abs(eager.plugins).max()) > 0.01  # the steps moved x: the equality is not two zeros
+    assert float(abs(eager.plugins - compiled_report.plugins).max()) < 1e-4
+    for a, b in zip(shared, compiled_shared, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    start = _shared(PluginAdapter(tiny_model(seed=0), AdapterConfig(rank=4, layers=[1, 3], seed=3)))
+    assert any(float((a - b).abs().max()) > 1e-3 for a, b in zip(shared, start, strict=True))  # U, V did move
+
+
 def test_fit_clips_the_shared_gradient_norm() -> None:
     """Adam divides out a gradient's scale, except against its eps: a norm clipped far below eps barely moves U, V,
     which shows the clip is applied to the step."""
