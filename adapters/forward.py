@@ -28,7 +28,7 @@ def positions(attention_mask: Tensor) -> Tensor:
 
 
 def call_layer(layer: Any, h: Tensor, mask: Any, rope: tuple[Tensor, Tensor], pos: Tensor) -> Tensor:
-    """One decoder layer on h (B, T, d): the unit that fold-in may compile (adapters.training.compiled_layer)."""
+    """One decoder layer on h (B, T, d): the unit that fold-in and fit may compile (training.compiled_layer)."""
     return layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos)
 
 

@@ -71,7 +71,7 @@ class FoldInConfig(Schema):
     # The steps' attention kernel. auto: PyTorch's math kernel on a CPU, where the fused (flash) kernel's backward
     # took a quarter of a fold-in step on these short examples, ten times its forward; the fused default elsewhere.
     attention: Attention = "auto"
-    # Run the steps' decoder layers through torch.compile (compiled_layer): 1.6x faster steps on 2 cores, where most
+    # Run the steps' decoder layers through torch.compile (compiled_layer): 1.5x faster steps on 2 cores, where most
     # of an eager step was elementwise work and copies between the matrix products (README, "Fold-in speed,
     # measured"), for a compilation of about a minute once per process (seconds with Inductor's disk cache warm).
     compile: bool = False
@@ -274,6 +274,10 @@ def compiled_layer() -> LayerCall:
     return call
 
 
+def layer_call_for(compiled: bool) -> LayerCall:
+    return compiled_layer() if compiled else call_layer
+
+
 def fold_in_examples(
     adapter: PluginAdapter,
     model: CausalLM,
@@ -337,7 +341,7 @@ def fold_in(
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
     # activations, and allocating it each step cost more time (page faults) than the arithmetic.
     order = _by_length(examples)
-    layer_call = compiled_layer() if config.compile else call_layer
+    layer_call = layer_call_for(config.compile)
     chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
     batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = [
         (
@@ -419,7 +423,7 @@ def fit(
         opts.append(torch.optim.SparseAdam(free_x.parameters(), lr=config.x_lr))
     opts.append(_shared_optimizer(adapter, config))
     total = max(1, int(config.epochs * len(examples) / config.batch_size))
-    layer_call = compiled_layer() if config.compile else call_layer
+    layer_call = layer_call_for(config.compile)
     lengths = [len(e.ids) for e in examples]
     queue: list[list[int]] = []
     losses: list[float] = []
@@ -516,7 +520,7 @@ def _fit_nested(
         of_doc.setdefault(e.doc, []).append(i)
     readable = sorted(of_doc)  # documents with questions to read their plugin with
     opt = _shared_optimizer(adapter, config)
-    layer_call = compiled_layer() if config.compile else call_layer
+    layer_call = layer_call_for(config.compile)
     total = max(1, int(config.epochs * len(readable) / config.batch_size))
     queue: list[list[int]] = []
     losses: list[float] = []
