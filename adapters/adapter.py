@@ -58,6 +58,12 @@ class AdapterConfig(Schema):
     # A fitted with U, V (starting from the seeded random one) instead of fixed: a learned key map, so that the fit
     # can make a real question's A h land where the fold-in examples that wrote x put theirs
     learn_keys: bool = False
+    # False: no shared term (V = 0, never fitted or stored), so z = 0 is exactly the bare model and `combine` with
+    # no plugin is classic RAG; U then learns only to read plugins (README, "No shared term")
+    shared_term: bool = True
+    # False: with paragraphs in the prompt (`combine`, and the fit's reading examples) the shared term is off, so the
+    # shared term is the closed-book reader and `combine` with no plugin is classic RAG (README, "No shared term")
+    shared_in_reading: bool = True
     encoder: EncoderConfig | None = None
 
 
@@ -80,6 +86,7 @@ class PluginLinear(nn.Module):
         u_std: float,
         state: _Composition,
         learn_keys: bool = False,
+        shared_term: bool = True,
     ) -> None:
         super().__init__()
         self.base = base
@@ -91,7 +98,11 @@ class PluginLinear(nn.Module):
         out_f, in_f = base.out_features, base.in_features
         gen = torch.Generator().manual_seed(seed * 7919 + index)
         self.U = nn.Parameter(torch.randn(out_f, rank, generator=gen) * u_std)  # (out, r)
-        self.V = nn.Parameter(torch.zeros(rank, in_f))  # (r, in): x = 0 starts as the bare base model
+        self.V: nn.Parameter | None
+        if shared_term:
+            self.V = nn.Parameter(torch.zeros(rank, in_f))  # (r, in): x = 0 starts as the bare base model
+        else:
+            self.register_parameter("V", None)
         A = subspace(seed, index, rank, in_f)  # (r, in)
         self.A: Tensor
         if learn_keys:
@@ -103,6 +114,8 @@ class PluginLinear(nn.Module):
     def forward(self, h: Tensor) -> Tensor:  # h (B, T, in)
         st = self._state
         zm = None if st.z is None else st.z.index_select(1, self.slot)[:, 0]  # (B, r)
+        if zm is None and self.V is None:
+            return self.base(h)
         delta = low_rank_delta(h, self.U, self.V, self.A, zm, self.scale, st.gate, st.shared)  # (B, T, out)
         return self.base(h) + delta
 
@@ -145,6 +158,7 @@ class PluginAdapter(nn.Module):
                     config.u_init_std,
                     self._state,
                     config.learn_keys,
+                    config.shared_term,
                 )
                 setattr(parent, attr, module)
                 wrapped.append(module)
@@ -170,7 +184,7 @@ class PluginAdapter(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """U and V of every module (A too when learned, and the encoder's weights): what fit learns, what fold-in
         freezes."""
-        params = [p for m in self.plugin_modules for p in (m.U, m.V)]
+        params = [p for m in self.plugin_modules for p in (m.U, m.V) if p is not None]
         params += [m.A for m in self.plugin_modules if isinstance(m.A, nn.Parameter)]  # learned keys only
         if self.encoder is not None:
             params += self.encoder.trainable_parameters()
@@ -202,7 +216,8 @@ class PluginAdapter(nn.Module):
         tensors: dict[str, Tensor] = {}
         for i, m in enumerate(self.plugin_modules):
             tensors[f"U.{i}"] = m.U.detach().contiguous()
-            tensors[f"V.{i}"] = m.V.detach().contiguous()
+            if m.V is not None:
+                tensors[f"V.{i}"] = m.V.detach().contiguous()
             if self.config.learn_keys:
                 tensors[f"A.{i}"] = m.A.detach().contiguous()
         if self.encoder is not None:
@@ -247,7 +262,7 @@ class PluginAdapter(nn.Module):
             )
         adapter = cls(base, AdapterConfig.model_validate(meta["config"]))
         tensors = load_file(str(folder / WEIGHTS_FILE))
-        names = "UVA" if adapter.config.learn_keys else "UV"
+        names = "U" + "V" * adapter.config.shared_term + "A" * adapter.config.learn_keys
         missing = [f"{n}.{i}" for i in range(len(adapter.plugin_modules)) for n in names if f"{n}.{i}" not in tensors]
         if missing:
             raise CheckpointError(f"{folder / WEIGHTS_FILE} lacks {', '.join(missing[:4])}: not this config's weights")

@@ -23,6 +23,7 @@ class Example:
     prompt: str
     target: str
     chat: bool = True
+    reading: bool = False  # asked with paragraphs in the prompt, as `combine` asks
 
 
 ANSWER_END = "<|im_end|>"
@@ -57,6 +58,7 @@ def reading_examples(
         Example(
             user_message(qa.question, qa.contexts or [doc.text]),
             (answer_clause(doc.text, qa.answers[0]) if quote else qa.answers[0]) + ANSWER_END,
+            reading=True,
         )
         for qa in read
     ]

@@ -33,7 +33,7 @@ def subspace(seed: int, module_index: int, rank: int, in_features: int) -> Tenso
 def low_rank_delta(
     h: Tensor,
     U: Tensor,
-    V: Tensor,
+    V: Tensor | None,
     A: Tensor,
     z: Tensor | None,
     scale: float,
@@ -44,10 +44,11 @@ def low_rank_delta(
 
     z is (B, r), one row per batch row, or None for z = 0; gate (B,) scales each row's whole delta, so a row with
     gate 0 is exactly the bare base model while its neighbours in the batch use plugins; shared (B,) scales only
-    the shared term V h, so a row with shared 0 gets the plugins' term s U (z * (A h)) alone.
+    the shared term V h, so a row with shared 0 gets the plugins' term s U (z * (A h)) alone. V None is an adapter
+    without the shared term (V = 0, not computed).
     """
-    inner = h @ V.T  # (B, T, r)
-    if shared is not None:
+    inner = h.new_zeros(*h.shape[:-1], A.shape[0]) if V is None else h @ V.T  # (B, T, r)
+    if shared is not None and V is not None:
         inner = inner * shared[:, None, None].to(h.dtype)
     if z is not None:
         inner = inner + z[:, None, :].to(h.dtype) * (h @ A.T)  # (B, T, r)

@@ -130,6 +130,7 @@ class _Encoded:
     ids: Tensor  # (T,)
     labels: Tensor  # (T,)
     soft: SoftTargets | None = None  # the teacher's, when fold-in distils
+    reading: bool = False  # Example.reading
 
 
 def encode_examples(
@@ -143,7 +144,7 @@ def encode_examples(
         ids = (prompt + target)[:max_len]
         labels = ([IGNORE] * len(prompt) + target)[:max_len]
         if any(label != IGNORE for label in labels[1:]):
-            out.append(_Encoded(doc, torch.tensor(ids), torch.tensor(labels)))
+            out.append(_Encoded(doc, torch.tensor(ids), torch.tensor(labels), reading=ex.reading))
     return out
 
 
@@ -444,7 +445,10 @@ def fit(
                 unique, inverse = torch.unique(doc_ids, return_inverse=True)
                 with precision:
                     z = _encode_docs(adapter, [feats[int(u)] for u in unique])[inverse].float()  # (B, M, r)
-            with precision, adapter.use(z):
+            shared = None
+            if not adapter.config.shared_in_reading:  # reading examples read without the shared term
+                shared = torch.tensor([float(not examples[i].reading) for i in idx], device=cache.device)  # (B,)
+            with precision, adapter.use(z, shared=shared):
                 nll = target_nll(model, h, mask, labels, adapter.lowest_layer, layer_call).float().mean()
             loss = nll + config.l2 * (z**2).sum(dim=(1, 2)).mean()
             _step(adapter, opts, loss, config.clip)

@@ -79,6 +79,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
         layers=None if args.layers == "all" else parse_range(args.layers),
         encoder=None if args.no_encoder else EncoderConfig(layer=args.encoder_layer),
         learn_keys=args.learn_keys,
+        shared_term=not args.no_shared_term,
+        shared_in_reading=not args.no_shared_in_reading,
     )
     # --init continues fitting a saved adapter (its own shape; the shape options are ignored)
     adapter = PluginAdapter.load(args.init, base) if args.init else PluginAdapter(base, config)
@@ -439,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--encoder-layer", type=int, default=8)
     fit.add_argument("--no-encoder", action="store_true", help="learn a free x per fitting document instead")
     fit.add_argument("--learn-keys", action="store_true", help="fit A with U, V instead of keeping it fixed")
+    fit.add_argument(
+        "--no-shared-term", action="store_true", help="no V: with no plugin the adapter is the bare model exactly"
+    )
+    fit.add_argument(
+        "--no-shared-in-reading",
+        action="store_true",
+        help="the shared term off where paragraphs are in the prompt (combine, reading examples): plugins' term only",
+    )
     fit.add_argument("--x-lr", type=float, default=0.05, help="learning rate of the free x (with --no-encoder)")
     fit.add_argument(
         "--store",

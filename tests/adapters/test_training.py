@@ -376,3 +376,40 @@ def test_checkpoint_without_its_learned_keys_is_a_clear_error(tmp_path: Path, ti
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"lacks A\.0"):
         PluginAdapter.load(tmp_path / "ckpt", tiny_model(seed=0))
+
+
+def test_adapter_without_shared_term_is_the_bare_model_until_a_plugin_is_applied(tmp_path: Path) -> None:
+    tiny = tiny_model(seed=0)
+    ids = tiny.tokenizer("The river floods in spring.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        bare = tiny.model(ids).logits
+    adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-2, -1], seed=3, shared_term=False))
+    assert all(m.V is None for m in adapter.plugin_modules)
+    config = FitConfig(epochs=3, batch_size=4, lr=1e-2, x_lr=0.1, store="questions", store_examples=4)
+    fitted_u = [m.U.detach().clone() for m in adapter.plugin_modules]
+    report = fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), config, progress=False)
+    assert all(not torch.equal(u, m.U) for u, m in zip(fitted_u, adapter.plugin_modules, strict=True))
+    adapter.save(tmp_path / "ckpt")
+    assert not any(k.startswith("V.") for k in load_file(str(tmp_path / "ckpt" / "adapter.safetensors")))
+
+    fresh = tiny_model(seed=0)
+    loaded = PluginAdapter.load(tmp_path / "ckpt", fresh)
+    assert report.plugins is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.model(ids).logits, bare)  # z = 0: exactly the bare model
+        with loaded.use(torch.zeros(loaded.plugin_shape)):
+            torch.testing.assert_close(fresh.model(ids).logits, bare)
+        with loaded.use(torch.from_numpy(report.plugins[0])):
+            assert not torch.allclose(fresh.model(ids).logits, bare, atol=1e-4)  # a plugin alone moves it
+
+
+def test_reading_examples_without_the_shared_term_never_train_v() -> None:
+    for shared_in_reading in (False, True):
+        tiny = tiny_model(seed=0)
+        adapter = PluginAdapter(
+            tiny, AdapterConfig(rank=4, layers=[-2, -1], seed=3, shared_in_reading=shared_in_reading)
+        )
+        reading_only = FitConfig(examples="reading", epochs=2, batch_size=4, lr=1e-2, x_lr=0.1)
+        fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), reading_only, progress=False)
+        moved = any(torch.count_nonzero(m.V) > 0 for m in adapter.plugin_modules if m.V is not None)
+        assert moved == shared_in_reading  # read without V h, V gets no gradient from them

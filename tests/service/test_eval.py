@@ -469,3 +469,18 @@ def test_eval_checks_and_reports_what_the_adapter_was_fitted_on(
     assert main([*evaluate, *run, "--fold-in-steps", "1", "--max-new-tokens", "2"]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["config"]["fit_documents"] == 2
     assert "adapter fitted on 2 paragraphs of articles 1-1;" in (tmp_path / "r.md").read_text()
+
+
+def test_combine_reads_without_the_shared_term_where_the_adapter_was_fitted_so(tmp_path: Path) -> None:
+    config = AdapterConfig(rank=4, targets=["o"], layers=[-1], shared_in_reading=False)
+    PluginAdapter(tiny_model(), config).save(tmp_path / "adapter")
+    runtime = Runtime(Settings(data_dir=tmp_path, model="tiny", adapter=tmp_path / "adapter"), Metrics())
+    runtime.load()
+    try:
+        weights = {
+            mode: runtime.prepare("When?", mode, 3, 2, 0.0, None, hits=[]).request.shared_weight
+            for mode in ("none", "plugins", "context", "combine")
+        }
+    finally:
+        runtime.close()
+    assert weights == {"none": 1.0, "plugins": 1.0, "context": 1.0, "combine": 0.0}
