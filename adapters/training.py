@@ -445,10 +445,7 @@ def fit(
                 unique, inverse = torch.unique(doc_ids, return_inverse=True)
                 with precision:
                     z = _encode_docs(adapter, [feats[int(u)] for u in unique])[inverse].float()  # (B, M, r)
-            shared = None
-            if not adapter.config.shared_in_reading:  # reading examples read without the shared term
-                shared = torch.tensor([float(not examples[i].reading) for i in idx], device=cache.device)  # (B,)
-            with precision, adapter.use(z, shared=shared):
+            with precision, adapter.use(z, shared=_shared_weights(adapter, examples, idx, cache.device)):
                 nll = target_nll(model, h, mask, labels, adapter.lowest_layer, layer_call).float().mean()
             loss = nll + config.l2 * (z**2).sum(dim=(1, 2)).mean()
             _step(adapter, opts, loss, config.clip)
@@ -456,6 +453,16 @@ def fit(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     plugins = None if free_x is None else free_x.weight.detach().view(len(docs), *adapter.plugin_shape).cpu().numpy()
     return FitReport(total, losses, time.perf_counter() - started, plugins)
+
+
+def _shared_weights(
+    adapter: PluginAdapter, examples: Sequence[_Encoded], idx: Sequence[int], device: torch.device
+) -> Tensor | None:
+    """Each row's weight of the shared term (B,): 0 for reading examples where the adapter reads without it
+    (AdapterConfig.shared_in_reading), as `combine` will; None (every row 1) otherwise."""
+    if adapter.config.shared_in_reading:
+        return None
+    return torch.tensor([float(not examples[i].reading) for i in idx], device=device)
 
 
 def _store_fold_in(config: FitConfig, **more: object) -> FoldInConfig:
@@ -541,7 +548,8 @@ def _fit_nested(
             idx = [i for d in group for i in of_doc[d]]
             row = {d: k for k, d in enumerate(group)}
             h, mask, labels = cache.batch(idx, examples)
-            with precision, adapter.use(plugins[[row[examples[i].doc] for i in idx]]):
+            shared = _shared_weights(adapter, examples, idx, cache.device)
+            with precision, adapter.use(plugins[[row[examples[i].doc] for i in idx]], shared=shared):
                 nll = target_nll(model, h, mask, labels, adapter.lowest_layer, layer_call).float().mean()
             _step(adapter, [opt], nll, config.clip)
             losses.append(nll.item())
