@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import zip_longest
 from typing import TypeVar
 
 from adapters.corpus import Document
+from adapters.metrics import contained
 from adapters.prompts import user_message
 
 T = TypeVar("T")
@@ -24,6 +25,7 @@ class Example:
     target: str
     chat: bool = True
     reading: bool = False  # asked with paragraphs in the prompt, as `combine` asks
+    answers: tuple[str, ...] = ()  # a reading example's reference answers (reader_target checks against them)
 
 
 ANSWER_END = "<|im_end|>"
@@ -59,9 +61,19 @@ def reading_examples(
             user_message(qa.question, qa.contexts or [doc.text]),
             (answer_clause(doc.text, qa.answers[0]) if quote else qa.answers[0]) + ANSWER_END,
             reading=True,
+            answers=qa.answers,
         )
         for qa in read
     ]
+
+
+def reader_target(example: Example, answer: str, finished: bool) -> Example:
+    """The example with the reader's own answer as its target where that answer contains a reference answer, so
+    that a fit keeps the bare reader's way of answering where it is right and teaches the reference only where it is
+    wrong; unchanged otherwise. finished: the answer ended within its budget, so the target ends it too."""
+    if not contained(answer, example.answers):
+        return example
+    return replace(example, target=answer + (ANSWER_END if finished else ""))
 
 
 def answer_clause(text: str, answer: str) -> str:

@@ -30,7 +30,7 @@ from adapters.corpus import Document
 from adapters.distill import SoftBatch, SoftTargets, self_study_examples, soft_batch, soft_nll, teacher_targets
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
-from adapters.examples import EXAMPLE_BUILDERS, Example, spread
+from adapters.examples import EXAMPLE_BUILDERS, Example, reader_target, spread
 from adapters.forward import (
     IGNORE,
     CausalLM,
@@ -42,6 +42,7 @@ from adapters.forward import (
     target_nll,
     top_hidden,
 )
+from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
@@ -106,6 +107,10 @@ class FitConfig(Schema):
     # as FoldInConfig.precision; float32 by default until a bfloat16 fit is compared with a float32 one
     precision: Precision = "float32"
     compile: bool = False  # as FoldInConfig.compile, for the fit's steps (and a nested fit's fold-ins)
+    # Reading examples' targets. gold: the reference span. reader: the bare model's own answer with the same prompt
+    # where it holds a reference answer, the span elsewhere (reader_targets); a fit on spans alone taught the reader
+    # short answers that hold the reference less often than its own (README, "Reading targets").
+    reading_targets: Literal["gold", "reader"] = "gold"
 
 
 @dataclass
@@ -122,6 +127,7 @@ class FitReport:
     losses: list[float]
     seconds: float
     plugins: np.ndarray | None = None  # (N, M, r) the fitting documents' free x; None with an encoder
+    reader_targets: int | None = None  # reading examples whose target became the bare reader's answer
 
 
 @dataclass
@@ -398,11 +404,16 @@ def fit(
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     per_doc = build_examples(config.examples, docs)
+    kept = None
+    if config.reading_targets == "reader":
+        per_doc, kept = reader_targets(adapter, model, tokenizer, per_doc, progress=progress)
     examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
         raise InvalidInputError(f"no {config.examples!r} training examples in the fitting corpus")
     if config.nested:
-        return _fit_nested(adapter, model, tokenizer, docs, examples, config, progress)
+        report = _fit_nested(adapter, model, tokenizer, docs, examples, config, progress)
+        report.reader_targets = kept
+        return report
     n_read = len(examples)  # with a store builder, examples from n_read on are the ones that write x
     if config.store is not None:
         if adapter.encoder is not None:
@@ -452,7 +463,37 @@ def fit(
             losses.append(nll.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     plugins = None if free_x is None else free_x.weight.detach().view(len(docs), *adapter.plugin_shape).cpu().numpy()
-    return FitReport(total, losses, time.perf_counter() - started, plugins)
+    return FitReport(total, losses, time.perf_counter() - started, plugins, kept)
+
+
+READER_TOKENS = 24  # the answer budget of `kplug eval squad`: the reader's answers as the eval would cut them
+
+
+def reader_targets(
+    adapter: PluginAdapter,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    per_doc: Sequence[Sequence[Example]],
+    batch: int = 32,
+    progress: bool = False,
+) -> tuple[list[list[Example]], int]:
+    """Each reading example with the bare model's greedy answer to its prompt as target where that answer holds a
+    reference answer (examples.reader_target), and how many were replaced."""
+    out = [list(exs) for exs in per_doc]
+    reading = [(i, j) for i, exs in enumerate(per_doc) for j, ex in enumerate(exs) if ex.reading]
+    reading.sort(key=lambda ij: len(per_doc[ij[0]][ij[1]].prompt))  # batches of similar length: little padding
+    kept = 0
+    for k in tqdm(range(0, len(reading), batch), desc="reader targets", disable=not progress):
+        chunk = reading[k : k + batch]
+        prompts = [chat_prompt(tokenizer, per_doc[i][j].prompt) for i, j in chunk]
+        gate = torch.zeros(len(chunk), device=model_device(model))  # (B,): every row the bare base model
+        answers = greedy_generate(model, tokenizer, adapter, prompts, None, READER_TOKENS, gate=gate)
+        for (i, j), answer in zip(chunk, answers, strict=True):
+            # fewer tokens than the budget: it stopped (re-tokenising the decoded text may differ by a token)
+            finished = len(tokenizer(answer, add_special_tokens=False).input_ids) < READER_TOKENS
+            out[i][j] = reader_target(per_doc[i][j], answer, finished)
+            kept += out[i][j] is not per_doc[i][j]
+    return out, kept
 
 
 def _shared_weights(

@@ -113,6 +113,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         seed=args.seed,
         precision=args.precision,
         compile=args.compile,
+        reading_targets=args.reading_targets,
     )
     report = fit(adapter, base.model, base.tokenizer, docs, fit_config)
     extra: dict[str, object] = {
@@ -126,6 +127,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     }
     if args.max_docs is not None:
         extra["max_docs"] = args.max_docs
+    if report.reader_targets is not None:
+        extra["reader_targets"] = report.reader_targets
     if args.retrieve:
         extra["retrieve"] = args.retrieve
     if args.init:
@@ -432,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="reading examples (qa+reading*, reading) show the question's top-K retrieved fitting paragraphs, "
         "as combine does; 0: its own paragraph alone",
+    )
+    fit.add_argument(
+        "--reading-targets",
+        choices=["gold", "reader"],
+        default="gold",
+        help="reading examples' targets: the reference span (gold), or the bare model's own answer where it holds "
+        "the reference and the span elsewhere (reader)",
     )
     fit.add_argument("--rank", type=int, default=128)
     fit.add_argument("--alpha", type=float, default=None)

@@ -413,3 +413,45 @@ def test_reading_examples_without_the_shared_term_never_train_v() -> None:
         fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), reading_only, progress=False)
         moved = any(torch.count_nonzero(m.V) > 0 for m in adapter.plugin_modules if m.V is not None)
         assert moved == shared_in_reading  # read without V h, V gets no gradient from them
+
+
+def test_reader_target_keeps_the_readers_answer_only_where_it_holds_a_reference() -> None:
+    from adapters.examples import ANSWER_END, Example, reader_target
+
+    ex = Example("Context: ...", "1889" + ANSWER_END, reading=True, answers=("1889", "in 1889"))
+    assert reader_target(ex, "The tower was completed in 1889.", True).target == "The tower was completed in 1889." + (
+        ANSWER_END
+    )
+    assert reader_target(ex, "It was completed in 1889 by", False).target == "It was completed in 1889 by"
+    assert reader_target(ex, "It was completed in 18890.", True) is ex  # on word boundaries only
+    assert reader_target(ex, "Gustave Eiffel built it.", True) is ex
+
+
+def test_reader_targets_take_the_bare_models_answers_for_reading_examples_only() -> None:
+    from adapters.base_model import load_base_model
+    from adapters.examples import ANSWER_END, Example
+    from adapters.metrics import normalize_answer
+    from adapters.training import READER_TOKENS, reader_targets
+
+    base = load_base_model()  # the real model: the tiny one answers only whitespace
+    prompts = [f"Context:\n{TEXT}\n\nQuestion: {q}" for q in ("When was the tower completed?", "Who built it?")]
+    bare = greedy_generate(
+        base.model, base.tokenizer, None, [chat_prompt(base.tokenizer, p) for p in prompts], None, READER_TOKENS
+    )  # before any adapter is attached
+    adapter = PluginAdapter(base, AdapterConfig(rank=4, targets=["v", "o"], seed=3))
+    with torch.no_grad():  # a shared delta that would change the answers if it were applied
+        for m in adapter.plugin_modules:
+            m.V.normal_(0, 1.0)
+    said = normalize_answer(bare[0]).split()[-1]  # a word the bare reader says: a reference it holds
+    per_doc = [
+        [Example(prompts[0], "gold" + ANSWER_END, reading=True, answers=(said,))],
+        [
+            Example(prompts[1], "zzzq" + ANSWER_END, reading=True, answers=("zzzq",)),  # a reference it never says
+            Example(prompts[0], "gold" + ANSWER_END, answers=(said,)),  # closed-book: never replaced
+        ],
+    ]
+    out, kept = reader_targets(adapter, base.model, base.tokenizer, per_doc, batch=1)
+    assert kept == 1
+    stopped = len(base.tokenizer(bare[0]).input_ids) < READER_TOKENS  # an answer cut at the budget is not ended
+    assert out[0][0].target == bare[0] + ANSWER_END * stopped and out[0][0].prompt == prompts[0]
+    assert out[1] == per_doc[1]
