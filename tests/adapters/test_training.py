@@ -419,9 +419,8 @@ def test_reader_target_keeps_the_readers_answer_only_where_it_holds_a_reference(
     from adapters.examples import ANSWER_END, Example, reader_target
 
     ex = Example("Context: ...", "1889" + ANSWER_END, reading=True, answers=("1889", "in 1889"))
-    assert reader_target(ex, "The tower was completed in 1889.", True).target == "The tower was completed in 1889." + (
-        ANSWER_END
-    )
+    sentence = "The tower was completed in 1889."
+    assert reader_target(ex, sentence, True).target == sentence + ANSWER_END
     assert reader_target(ex, "It was completed in 1889 by", False).target == "It was completed in 1889 by"
     assert reader_target(ex, "It was completed in 18890.", True) is ex  # on word boundaries only
     assert reader_target(ex, "Gustave Eiffel built it.", True) is ex
