@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from adapters.errors import CheckpointError, KplugError
 from index.codec import FORMATS
 
@@ -400,6 +402,7 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         fold_in=_fold_in_config(args),
         plugin_format=args.plugin_format,
         composition_temperature=args.composition_temperature,
+        combine_mix=args.combine_mix,
         runs=parse_runs(args.runs),
     )
     print(markdown(eval_squad(options, args.out)))
@@ -577,6 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="softmax temperature over retrieval scores for the composition weights (default: the service's)",
     )
+    squad.add_argument(
+        "--combine-mix",
+        type=float,
+        default=None,
+        help="combine: weight of the plugins' log-probabilities against a bare reader's on the same prompt "
+        "(default: the service's; 0: the adapted reader alone)",
+    )
     _add_fold_in_args(squad)
     squad.add_argument(
         "--runs",
@@ -611,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except KplugError as exc:
+    except (KplugError, ValidationError) as exc:  # ValidationError: a setting out of range (flag or KPLUG_ variable)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

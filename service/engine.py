@@ -8,6 +8,9 @@ Each decoding step is one forward of the batch (B, 1) with Z (B, M, r), a gate (
 `none` and `context` modes) and the weight of the shared term (B,). A new request is prefilled alone, then joins at
 the next step: its KV cache is left-padded to the batch's length (or the batch to its) and concatenated; a finished
 row is dropped. Padding is masked, so a request's output is the one it would get alone.
+
+A mixed request (``mix`` > 0) takes two adjacent rows, its own and a bare-model partner on the same prompt that
+shares its token list; each step picks one token from both rows' log-probabilities, and both leave together.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class GenerationRequest:
     seed: int | None = None
     timeout_s: float = 120.0
     shared_weight: float = 1.0  # the weight of the shared term U V h (0: the plugins' term alone)
+    # > 0: decode together with a bare-model row on the same prompt and pick from the mixed log-probabilities
+    # (1 - mix) * bare + mix * this row's: classic RAG's reader, moved toward what the plugins say
+    mix: float = 0.0
 
 
 @dataclass
@@ -107,6 +113,7 @@ class _Row:
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     started: float = field(default_factory=time.monotonic)
+    partner: bool = False  # the bare row of the mixed request in the row before it
 
 
 class Engine:
@@ -194,8 +201,11 @@ class Engine:
                     break
                 task = self._tasks.popleft() if self._tasks else None
                 admitted: list[tuple[RequestHandle, GenerationRequest]] = []
-                while self._pending and len(self._rows) + len(admitted) < self.max_batch:
-                    admitted.append(self._pending.popleft())
+                rows = len(self._rows)
+                while self._pending and (rows == 0 or rows + _width(self._pending[0][1]) <= self.max_batch):
+                    handle, request = self._pending.popleft()
+                    admitted.append((handle, request))
+                    rows += _width(request)
             if task is not None:  # one task between steps, so the batch keeps moving
                 fn, future = task
                 if future.set_running_or_notify_cancel():
@@ -225,10 +235,14 @@ class Engine:
         self._shared = torch.zeros(0)
 
     def _composition(self, request: GenerationRequest) -> tuple[Tensor, Tensor, Tensor]:
-        """(1, M, r), (1,), (1,): z, gate and shared weight of one row."""
+        """(W, M, r), (W,), (W,): z, gate and shared weight of a request's rows (W = 2 when mixed: the bare
+        partner second)."""
         z = request.z if request.z is not None else torch.zeros(self.adapter.plugin_shape)
-        gate = torch.tensor([1.0 if request.use_adapter else 0.0])
-        return z.to(torch.float32)[None], gate, torch.tensor([request.shared_weight])
+        z = z.to(torch.float32)
+        gate, shared = (1.0 if request.use_adapter else 0.0), request.shared_weight
+        if request.mix > 0:
+            return torch.stack([z, torch.zeros_like(z)]), torch.tensor([gate, 0.0]), torch.tensor([shared, 1.0])
+        return z[None], torch.tensor([gate]), torch.tensor([shared])
 
     def _admit(self, handle: RequestHandle, request: GenerationRequest) -> None:
         if handle.cancelled:
@@ -236,29 +250,31 @@ class Engine:
         row = _Row(handle, request, deadline=handle.submitted + request.timeout_s)
         if request.seed is not None:
             row.generator = torch.Generator().manual_seed(request.seed)
+        rows = [row]
+        if request.mix > 0:
+            rows.append(_Row(handle, request, deadline=row.deadline, ids=row.ids, partner=True))
         z, gate, shared = self._composition(request)
         cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([request.prompt_ids])  # (1, T)
+        ids = torch.tensor([request.prompt_ids] * len(rows))  # (W, T)
         with self.adapter.use(z, gate, shared):
-            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # (1, V)
-        token = self._pick(logits[0], row)
-        if self._advance(row, token):
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # (W, V)
+        if self._advance(row, self._pick(_scores(logits, 0, request.mix), row)):
             return  # done after one token: never joins the batch
-        self._join(row, cache, z, gate, shared)
+        self._join(rows, cache, z, gate, shared)
 
-    def _join(self, row: _Row, cache: DynamicCache, z: Tensor, gate: Tensor, shared: Tensor) -> None:
-        new_len = len(row.request.prompt_ids)
+    def _join(self, rows: list[_Row], cache: DynamicCache, z: Tensor, gate: Tensor, shared: Tensor) -> None:
+        new_len = len(rows[0].request.prompt_ids)
+        row_mask = torch.ones(len(rows), new_len, dtype=torch.long)
         if self._cache is None:
-            self._cache, self._mask = cache, torch.ones(1, new_len, dtype=torch.long)
+            self._cache, self._mask = cache, row_mask
         else:
             length = max(self._mask.shape[1], new_len)
             for mine, theirs in zip(_layers(self._cache), _layers(cache), strict=True):
                 (k1, v1), (k2, v2) = _kv(mine), _kv(theirs)
-                mine.keys = torch.cat([_left_pad(k1, length), _left_pad(k2, length)])  # (B+1, H, L, D)
+                mine.keys = torch.cat([_left_pad(k1, length), _left_pad(k2, length)])  # (B+W, H, L, D)
                 mine.values = torch.cat([_left_pad(v1, length), _left_pad(v2, length)])
-            row_mask = torch.ones(1, new_len, dtype=torch.long)
             self._mask = torch.cat([_left_pad_mask(self._mask, length), _left_pad_mask(row_mask, length)])
-        self._rows.append(row)
+        self._rows.extend(rows)
         self._z = torch.cat([self._z, z])  # (B, M, r)
         self._gate = torch.cat([self._gate, gate])  # (B,)
         self._shared = torch.cat([self._shared, shared])  # (B,)
@@ -275,7 +291,13 @@ class Engine:
         self._mask = mask
         self.steps += 1
         logits = out.logits[:, -1]  # (B, V)
-        keep = [i for i, row in enumerate(self._rows) if not self._advance(row, self._pick(logits[i], row))]
+        keep: list[int] = []
+        for i, row in enumerate(self._rows):
+            if row.partner:  # follows its lead, the row before it
+                if keep and keep[-1] == i - 1:
+                    keep.append(i)
+            elif not self._advance(row, self._pick(_scores(logits, i, row.request.mix), row)):
+                keep.append(i)
         if len(keep) < len(self._rows):
             self._drop(keep)
 
@@ -346,6 +368,19 @@ class Engine:
             )
         )
         return True
+
+
+def _width(request: GenerationRequest) -> int:
+    return 2 if request.mix > 0 else 1
+
+
+def _scores(logits: Tensor, i: int, mix: float) -> Tensor:
+    """What row i picks its token from: its logits, or for a mixed request its own log-probabilities mixed with
+    its bare partner's (row i + 1)."""
+    if mix <= 0:
+        return logits[i]
+    own, bare = F.log_softmax(logits[i].float(), -1), F.log_softmax(logits[i + 1].float(), -1)
+    return (1 - mix) * bare + mix * own
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:

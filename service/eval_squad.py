@@ -94,6 +94,7 @@ class EvalOptions:
     fold_in: FoldInConfig | None = None
     plugin_format: PluginFormat = "float16"
     composition_temperature: float | None = None  # None: the service's setting (KPLUG_COMPOSITION_TEMPERATURE)
+    combine_mix: float | None = None  # None: the service's setting (KPLUG_COMBINE_MIX)
     capacity_paragraphs: int = 12
     runs: Sequence[tuple[Mode, str]] = tuple(DEFAULT_RUNS)
 
@@ -132,6 +133,10 @@ class SquadEval:
     def __init__(self, options: EvalOptions, workdir: Path) -> None:
         self.o = options
         fold = options.fold_in or FoldInConfig()
+        given: dict[str, Any] = {
+            "composition_temperature": options.composition_temperature,
+            "combine_mix": options.combine_mix,
+        }
         settings = Settings(
             data_dir=workdir,
             model=options.model,
@@ -141,9 +146,8 @@ class SquadEval:
             request_timeout_s=10**6,
             fold_in=fold,
             plugin_format=options.plugin_format,
+            **{k: v for k, v in given.items() if v is not None},  # None: the service's setting
         )
-        if options.composition_temperature is not None:
-            settings = settings.model_copy(update={"composition_temperature": options.composition_temperature})
         self.runtime = Runtime(settings, Metrics())
 
     def run(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -211,6 +215,7 @@ class SquadEval:
                 "plugin_format": rt.store.plugin_format,
                 "composition_temperature": rt.settings.composition_temperature,
                 "composition_scale": rt.settings.composition_scale,
+                "combine_mix": rt.settings.combine_mix,
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },

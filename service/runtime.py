@@ -189,6 +189,7 @@ class Runtime:
             z=z,
             use_adapter=mode in ("plugins", "combine"),
             shared_weight=0.0 if mode == "combine" and not self.adapter.config.shared_in_reading else 1.0,
+            mix=self.settings.combine_mix if mode == "combine" else 0.0,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             temperature=temperature,

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1)
     composition_temperature: float = Field(0.01, gt=0)  # softmax over retrieval scores (0.01 measured over 0.05)
     composition_scale: float = Field(1.0, gt=0)  # z = scale * sum_d w_d x_d: how strongly a composition is applied
+    # combine decodes with a bare reader on the same prompt, picking from (1 - mix) * its log-probabilities + mix *
+    # the plugins' (0: the adapted row alone)
+    combine_mix: float = Field(0.0, ge=0, lt=1)
     max_batch: int = Field(8, ge=1)  # rows decoded together in one forward
     queue_size: int = Field(64, ge=1)  # waiting generation requests; beyond it 429
     request_timeout_s: float = Field(120.0, gt=0)

@@ -107,3 +107,46 @@ def test_time_limit_ends_a_request_cleanly(tiny: BaseModel, tiny_adapter: Plugin
     finally:
         engine.stop()
     assert result.finish_reason in ("time_limit", "stop") and after.finish_reason in ("stop", "length")
+
+
+def _mixed_reference(tiny: BaseModel, adapter: PluginAdapter, request: GenerationRequest) -> list[int]:
+    """Greedy decoding by full recomputation: each token is the argmax of the bare model's and the adapted
+    model's log-probabilities mixed with the request's weight."""
+    ids = list(request.prompt_ids)
+    assert request.z is not None
+    for _ in range(request.max_new_tokens):
+        batch = torch.tensor([ids, ids])
+        with torch.no_grad(), adapter.use(torch.stack([request.z, request.z]), torch.tensor([1.0, 0.0])):
+            logits = tiny.model(input_ids=batch).logits[:, -1].float().log_softmax(-1)  # (2, V)
+        token = int(((1 - request.mix) * logits[1] + request.mix * logits[0]).argmax())
+        if token == tiny.tokenizer.eos_token_id:
+            break
+        ids.append(token)
+    return ids[len(request.prompt_ids) :]
+
+
+def test_mixed_requests_decode_the_mixture_beside_plain_rows(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    requests = _requests(tiny, tiny_adapter)
+    for r in requests[1:]:  # request 0 (bare) stays one row; a mixed request's rows never outgrow max_batch
+        r.use_adapter, r.shared_weight, r.mix = True, 1.0, 0.5
+    requests[2].mix = 0.2
+    engine = Engine(tiny.model, tiny.tokenizer, tiny_adapter, max_batch=5)
+    engine.start()
+    try:
+        together = asyncio.run(_run(engine, requests))  # pairs join and leave beside each other and a plain row
+        unmixed = asyncio.run(_run(engine, [GenerationRequest(**{**vars(r), "mix": 0.0}) for r in requests[1:]]))
+    finally:
+        engine.stop()
+    for t, r in zip(together[1:], requests[1:], strict=True):
+        assert t.text == tiny.tokenizer.decode(_mixed_reference(tiny, tiny_adapter, r), skip_special_tokens=True)
+    assert together[0].text == asyncio.run(_single(tiny, tiny_adapter, requests[0])).text
+    assert any(u.text != t.text for u, t in zip(unmixed, together[1:], strict=True))  # the bare partner counts
+
+
+async def _single(tiny: BaseModel, adapter: PluginAdapter, request: GenerationRequest) -> Finished:
+    engine = Engine(tiny.model, tiny.tokenizer, adapter)
+    engine.start()
+    try:
+        return (await _run(engine, [request]))[0]
+    finally:
+        engine.stop()

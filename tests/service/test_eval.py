@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from adapters.adapter import AdapterConfig, PluginAdapter
 from adapters.base_model import tiny_model
@@ -484,3 +485,29 @@ def test_combine_reads_without_the_shared_term_where_the_adapter_was_fitted_so(t
     finally:
         runtime.close()
     assert weights == {"none": 1.0, "plugins": 1.0, "context": 1.0, "combine": 0.0}
+
+
+def test_combine_mix_reaches_combine_requests_only_and_is_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _squad(tmp_path / "squad.json")
+    PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
+    sent: list[tuple[str, float]] = []
+    submit = Runtime.submit
+
+    def record(self: Runtime, prepared: Any) -> Any:
+        sent.append((prepared.mode, prepared.request.mix))
+        return submit(self, prepared)
+
+    monkeypatch.setattr(Runtime, "submit", record)
+    runs = [("context", "retrieved"), ("combine", "retrieved")]
+    options = _options(
+        tmp_path, max_paragraphs=2, max_new_tokens=2, capacity_paragraphs=0, fold_in=FoldInConfig(steps=0),
+        runs=runs, combine_mix=0.4,
+    )  # fmt: skip
+    report = eval_squad(options, None)
+    assert report["config"]["combine_mix"] == 0.4
+    assert {mix for mode, mix in sent if mode == "combine"} == {0.4}
+    assert {mix for mode, mix in sent if mode == "context"} == {0.0}
+    with pytest.raises(ValidationError):  # a weight of 1 would drop the bare reader: use mix 0 for that
+        SquadEval(_options(tmp_path, combine_mix=1.0), tmp_path / "work")
