@@ -403,6 +403,7 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         plugin_format=args.plugin_format,
         composition_temperature=args.composition_temperature,
         combine_mix=args.combine_mix,
+        combine_guidance=args.combine_guidance,
         runs=parse_runs(args.runs),
     )
     print(markdown(eval_squad(options, args.out)))
@@ -586,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="combine: weight of the plugins' log-probabilities against a bare reader's on the same prompt "
         "(default: the service's; 0: the adapted reader alone)",
+    )
+    squad.add_argument(
+        "--combine-guidance",
+        type=float,
+        default=None,
+        help="combine: a bare reader plus G times what the plugins change in the adapted reader's log-probabilities "
+        "(default: the service's)",
     )
     _add_fold_in_args(squad)
     squad.add_argument(

@@ -9,8 +9,8 @@ Each decoding step is one forward of the batch (B, 1) with Z (B, M, r), a gate (
 the next step: its KV cache is left-padded to the batch's length (or the batch to its) and concatenated; a finished
 row is dropped. Padding is masked, so a request's output is the one it would get alone.
 
-A mixed request (``mix`` > 0) takes two adjacent rows, its own and a bare-model partner on the same prompt that
-shares its token list; each step picks one token from both rows' log-probabilities, and both leave together.
+A request with partner readers takes adjacent rows, its own first, all on the same prompt and sharing one token
+list; each step picks one token from a weighted sum of the rows' log-probabilities, and the rows leave together.
 """
 
 from __future__ import annotations
@@ -57,9 +57,19 @@ class GenerationRequest:
     seed: int | None = None
     timeout_s: float = 120.0
     shared_weight: float = 1.0  # the weight of the shared term U V h (0: the plugins' term alone)
-    # > 0: decode together with a bare-model row on the same prompt and pick from the mixed log-probabilities
-    # (1 - mix) * bare + mix * this row's: classic RAG's reader, moved toward what the plugins say
-    mix: float = 0.0
+    # other readers of the same prompt decoded beside this one: each token is picked from weight * this row's
+    # log-probabilities + the sum of each partner's weight * its log-probabilities
+    partners: list[Reader] = field(default_factory=list)
+    weight: float = 1.0
+
+
+@dataclass
+class Reader:
+    """A partner row: the bare model (use_adapter False) or the adapter with composition z (None: z = 0)."""
+
+    z: Tensor | None
+    use_adapter: bool
+    weight: float
 
 
 @dataclass
@@ -113,7 +123,7 @@ class _Row:
     first_token_at: float | None = None
     generator: torch.Generator | None = None
     started: float = field(default_factory=time.monotonic)
-    partner: bool = False  # the bare row of the mixed request in the row before it
+    partner: bool = False  # a partner reader of the request whose own row comes first
 
 
 class Engine:
@@ -235,14 +245,12 @@ class Engine:
         self._shared = torch.zeros(0)
 
     def _composition(self, request: GenerationRequest) -> tuple[Tensor, Tensor, Tensor]:
-        """(W, M, r), (W,), (W,): z, gate and shared weight of a request's rows (W = 2 when mixed: the bare
-        partner second)."""
-        z = request.z if request.z is not None else torch.zeros(self.adapter.plugin_shape)
-        z = z.to(torch.float32)
-        gate, shared = (1.0 if request.use_adapter else 0.0), request.shared_weight
-        if request.mix > 0:
-            return torch.stack([z, torch.zeros_like(z)]), torch.tensor([gate, 0.0]), torch.tensor([shared, 1.0])
-        return z[None], torch.tensor([gate]), torch.tensor([shared])
+        """(W, M, r), (W,), (W,): z, gate and shared weight of a request's rows, its own and its partners'."""
+        readers = [Reader(request.z, request.use_adapter, request.weight), *request.partners]
+        zero = torch.zeros(self.adapter.plugin_shape)
+        z = torch.stack([(r.z if r.z is not None else zero).to(torch.float32) for r in readers])
+        gate = torch.tensor([1.0 if r.use_adapter else 0.0 for r in readers])
+        return z, gate, torch.full((len(readers),), request.shared_weight)
 
     def _admit(self, handle: RequestHandle, request: GenerationRequest) -> None:
         if handle.cancelled:
@@ -250,15 +258,15 @@ class Engine:
         row = _Row(handle, request, deadline=handle.submitted + request.timeout_s)
         if request.seed is not None:
             row.generator = torch.Generator().manual_seed(request.seed)
-        rows = [row]
-        if request.mix > 0:
-            rows.append(_Row(handle, request, deadline=row.deadline, ids=row.ids, partner=True))
+        rows = [row] + [
+            _Row(handle, request, deadline=row.deadline, ids=row.ids, partner=True) for _ in request.partners
+        ]
         z, gate, shared = self._composition(request)
         cache = DynamicCache(config=self.model.config)
         ids = torch.tensor([request.prompt_ids] * len(rows))  # (W, T)
         with self.adapter.use(z, gate, shared):
             logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # (W, V)
-        if self._advance(row, self._pick(_scores(logits, 0, request.mix), row)):
+        if self._advance(row, self._pick(_scores(logits, 0, request), row)):
             return  # done after one token: never joins the batch
         self._join(rows, cache, z, gate, shared)
 
@@ -292,12 +300,15 @@ class Engine:
         self.steps += 1
         logits = out.logits[:, -1]  # (B, V)
         keep: list[int] = []
+        lead_kept = False
         for i, row in enumerate(self._rows):
-            if row.partner:  # follows its lead, the row before it
-                if keep and keep[-1] == i - 1:
+            if row.partner:  # leaves with its request's own row, before it
+                if lead_kept:
                     keep.append(i)
-            elif not self._advance(row, self._pick(_scores(logits, i, row.request.mix), row)):
-                keep.append(i)
+            else:
+                lead_kept = not self._advance(row, self._pick(_scores(logits, i, row.request), row))
+                if lead_kept:
+                    keep.append(i)
         if len(keep) < len(self._rows):
             self._drop(keep)
 
@@ -371,16 +382,17 @@ class Engine:
 
 
 def _width(request: GenerationRequest) -> int:
-    return 2 if request.mix > 0 else 1
+    return 1 + len(request.partners)
 
 
-def _scores(logits: Tensor, i: int, mix: float) -> Tensor:
-    """What row i picks its token from: its logits, or for a mixed request its own log-probabilities mixed with
-    its bare partner's (row i + 1)."""
-    if mix <= 0:
+def _scores(logits: Tensor, i: int, request: GenerationRequest) -> Tensor:
+    """What the request whose own row is i picks its token from: its logits, or with partners (rows i + 1, ...)
+    the weighted sum of every row's log-probabilities."""
+    if not request.partners:
         return logits[i]
-    own, bare = F.log_softmax(logits[i].float(), -1), F.log_softmax(logits[i + 1].float(), -1)
-    return (1 - mix) * bare + mix * own
+    weights = torch.tensor([request.weight] + [p.weight for p in request.partners])  # (W,)
+    logp = F.log_softmax(logits[i : i + len(weights)].float(), -1)  # (W, V)
+    return (weights[:, None] * logp).sum(0)
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:

@@ -95,6 +95,7 @@ class EvalOptions:
     plugin_format: PluginFormat = "float16"
     composition_temperature: float | None = None  # None: the service's setting (KPLUG_COMPOSITION_TEMPERATURE)
     combine_mix: float | None = None  # None: the service's setting (KPLUG_COMBINE_MIX)
+    combine_guidance: float | None = None  # None: the service's setting (KPLUG_COMBINE_GUIDANCE)
     capacity_paragraphs: int = 12
     runs: Sequence[tuple[Mode, str]] = tuple(DEFAULT_RUNS)
 
@@ -136,6 +137,7 @@ class SquadEval:
         given: dict[str, Any] = {
             "composition_temperature": options.composition_temperature,
             "combine_mix": options.combine_mix,
+            "combine_guidance": options.combine_guidance,
         }
         settings = Settings(
             data_dir=workdir,
@@ -216,6 +218,7 @@ class SquadEval:
                 "composition_temperature": rt.settings.composition_temperature,
                 "composition_scale": rt.settings.composition_scale,
                 "combine_mix": rt.settings.combine_mix,
+                "combine_guidance": rt.settings.combine_guidance,
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },

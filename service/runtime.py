@@ -20,7 +20,7 @@ from adapters.prompts import chat_prompt, user_message
 from adapters.training import fold_in, fold_in_steps
 from index.embedder import Embedder
 from index.store import PluginStore
-from service.engine import Engine, GenerationRequest, RequestHandle
+from service.engine import Engine, GenerationRequest, Reader, RequestHandle
 from service.metrics import Metrics
 from service.protocol import Mode
 from service.registrar import Registrar
@@ -184,12 +184,14 @@ class Runtime:
         context_tokens = 0
         if contexts:
             context_tokens = len(prompt_ids) - self.count_tokens(chat_prompt(tokenizer, query))
+        partners, weight = self._readers(mode)
         request = GenerationRequest(
             prompt_ids=prompt_ids,
             z=z,
             use_adapter=mode in ("plugins", "combine"),
             shared_weight=0.0 if mode == "combine" and not self.adapter.config.shared_in_reading else 1.0,
-            mix=self.settings.combine_mix if mode == "combine" else 0.0,
+            partners=partners,
+            weight=weight,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
             temperature=temperature,
@@ -201,6 +203,18 @@ class Runtime:
         return Prepared(
             request, documents, context_tokens, (retrieved - started) * 1000, (composed - retrieved) * 1000, mode
         )
+
+    def _readers(self, mode: Mode) -> tuple[list[Reader], float]:
+        """Partner readers decoded beside a request's own row, and its own row's weight (combine_mix,
+        combine_guidance)."""
+        s = self.settings
+        if mode != "combine":
+            return [], 1.0
+        if s.combine_guidance > 0:
+            return [Reader(None, False, 1.0), Reader(None, True, -s.combine_guidance)], s.combine_guidance
+        if s.combine_mix > 0:
+            return [Reader(None, False, 1 - s.combine_mix)], s.combine_mix
+        return [], 1.0
 
     def submit(self, prepared: Prepared) -> RequestHandle:
         return self.engine.submit(prepared.request, asyncio.get_running_loop())

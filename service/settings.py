@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters.training import FoldInConfig
@@ -41,9 +41,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1)
     composition_temperature: float = Field(0.01, gt=0)  # softmax over retrieval scores (0.01 measured over 0.05)
     composition_scale: float = Field(1.0, gt=0)  # z = scale * sum_d w_d x_d: how strongly a composition is applied
-    # combine decodes with a bare reader on the same prompt, picking from (1 - mix) * its log-probabilities + mix *
-    # the plugins' (0: the adapted row alone)
+    # combine decodes beside a bare reader of the same prompt and picks each token from (1 - mix) * its
+    # log-probabilities + mix * the adapted reader's (0: the adapted reader alone) ...
     combine_mix: float = Field(0.0, ge=0, lt=1)
+    # ... or from the bare reader's + guidance * (the adapted reader's - the same reader's with no plugin): the
+    # bare reader moved by what the plugins alone change
+    combine_guidance: float = Field(0.0, ge=0)
     max_batch: int = Field(8, ge=1)  # rows decoded together in one forward
     queue_size: int = Field(64, ge=1)  # waiting generation requests; beyond it 429
     request_timeout_s: float = Field(120.0, gt=0)
@@ -55,6 +58,12 @@ class Settings(BaseSettings):
     max_documents_per_call: int = Field(256, ge=1)
     max_page_size: int = Field(500, ge=1)
     max_pending_jobs: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _one_combine_reader(self) -> Settings:
+        if self.combine_mix > 0 and self.combine_guidance > 0:
+            raise ValueError("combine_mix and combine_guidance are two ways to combine readers: set one")
+        return self
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from adapters.base_model import BaseModel
 from adapters.errors import OverloadedError
 from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
-from service.engine import Engine, Finished, GenerationRequest
+from service.engine import Engine, Finished, GenerationRequest, Reader
 
 QUESTIONS = ["hi", "what is a cat?", "tell me a much longer story about the sea", "x", "why", "numbers 1 2 3"]
 
@@ -110,37 +111,43 @@ def test_time_limit_ends_a_request_cleanly(tiny: BaseModel, tiny_adapter: Plugin
 
 
 def _mixed_reference(tiny: BaseModel, adapter: PluginAdapter, request: GenerationRequest) -> list[int]:
-    """Greedy decoding by full recomputation: each token is the argmax of the bare model's and the adapted
-    model's log-probabilities mixed with the request's weight."""
+    """Greedy decoding by full recomputation: each token is the argmax of the weighted sum of every reader's
+    log-probabilities (the request's own and its partners')."""
+    readers = [Reader(request.z, request.use_adapter, request.weight), *request.partners]
+    zero = torch.zeros(adapter.plugin_shape)
+    z = torch.stack([r.z if r.z is not None else zero for r in readers])
+    gate = torch.tensor([1.0 if r.use_adapter else 0.0 for r in readers])
+    weights = torch.tensor([r.weight for r in readers])
     ids = list(request.prompt_ids)
-    assert request.z is not None
     for _ in range(request.max_new_tokens):
-        batch = torch.tensor([ids, ids])
-        with torch.no_grad(), adapter.use(torch.stack([request.z, request.z]), torch.tensor([1.0, 0.0])):
-            logits = tiny.model(input_ids=batch).logits[:, -1].float().log_softmax(-1)  # (2, V)
-        token = int(((1 - request.mix) * logits[1] + request.mix * logits[0]).argmax())
+        with torch.no_grad(), adapter.use(z, gate):
+            logits = tiny.model(input_ids=torch.tensor([ids] * len(readers))).logits[:, -1].float().log_softmax(-1)
+        token = int((weights[:, None] * logits).sum(0).argmax())
         if token == tiny.tokenizer.eos_token_id:
             break
         ids.append(token)
     return ids[len(request.prompt_ids) :]
 
 
-def test_mixed_requests_decode_the_mixture_beside_plain_rows(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+def test_requests_with_partner_readers_decode_their_mixture_beside_plain_rows(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
+) -> None:
     requests = _requests(tiny, tiny_adapter)
-    for r in requests[1:]:  # request 0 (bare) stays one row; a mixed request's rows never outgrow max_batch
-        r.use_adapter, r.shared_weight, r.mix = True, 1.0, 0.5
-    requests[2].mix = 0.2
+    for r in requests[1:]:  # request 0 (bare) stays one row; no request's rows outgrow max_batch
+        r.use_adapter, r.shared_weight, r.weight = True, 1.0, 0.5
+        r.partners = [Reader(None, False, 0.5)]  # the mix: half the bare reader
+    requests[2].weight, requests[2].partners = 2.0, [Reader(None, False, 1.0), Reader(None, True, -2.0)]  # guidance
     engine = Engine(tiny.model, tiny.tokenizer, tiny_adapter, max_batch=5)
     engine.start()
     try:
-        together = asyncio.run(_run(engine, requests))  # pairs join and leave beside each other and a plain row
-        unmixed = asyncio.run(_run(engine, [GenerationRequest(**{**vars(r), "mix": 0.0}) for r in requests[1:]]))
+        together = asyncio.run(_run(engine, requests))  # rows join and leave beside each other and a plain row
+        alone = asyncio.run(_run(engine, [replace(r, partners=[], weight=1.0) for r in requests[1:]]))
     finally:
         engine.stop()
     for t, r in zip(together[1:], requests[1:], strict=True):
         assert t.text == tiny.tokenizer.decode(_mixed_reference(tiny, tiny_adapter, r), skip_special_tokens=True)
     assert together[0].text == asyncio.run(_single(tiny, tiny_adapter, requests[0])).text
-    assert any(u.text != t.text for u, t in zip(unmixed, together[1:], strict=True))  # the bare partner counts
+    assert any(a.text != t.text for a, t in zip(alone, together[1:], strict=True))  # the partners count
 
 
 async def _single(tiny: BaseModel, adapter: PluginAdapter, request: GenerationRequest) -> Finished:

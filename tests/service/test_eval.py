@@ -487,27 +487,36 @@ def test_combine_reads_without_the_shared_term_where_the_adapter_was_fitted_so(t
     assert weights == {"none": 1.0, "plugins": 1.0, "context": 1.0, "combine": 0.0}
 
 
-def test_combine_mix_reaches_combine_requests_only_and_is_recorded(
+def test_combine_readers_reach_combine_requests_only_and_are_recorded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _squad(tmp_path / "squad.json")
     PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
-    sent: list[tuple[str, float]] = []
+    sent: list[tuple[str, float, list[tuple[bool, float]]]] = []
     submit = Runtime.submit
 
     def record(self: Runtime, prepared: Any) -> Any:
-        sent.append((prepared.mode, prepared.request.mix))
+        r = prepared.request
+        sent.append((prepared.mode, r.weight, [(p.use_adapter, p.weight) for p in r.partners]))
+        assert all(p.z is None for p in r.partners)
         return submit(self, prepared)
 
     monkeypatch.setattr(Runtime, "submit", record)
     runs = [("context", "retrieved"), ("combine", "retrieved")]
-    options = _options(
-        tmp_path, max_paragraphs=2, max_new_tokens=2, capacity_paragraphs=0, fold_in=FoldInConfig(steps=0),
-        runs=runs, combine_mix=0.4,
-    )  # fmt: skip
-    report = eval_squad(options, None)
-    assert report["config"]["combine_mix"] == 0.4
-    assert {mix for mode, mix in sent if mode == "combine"} == {0.4}
-    assert {mix for mode, mix in sent if mode == "context"} == {0.0}
+    for flag, value, readers in (
+        ("combine_mix", 0.4, (0.4, [(False, 0.6)])),  # 0.4 adapted + 0.6 bare
+        ("combine_guidance", 1.5, (1.5, [(False, 1.0), (True, -1.5)])),  # bare + 1.5 (plugins - no plugin)
+    ):
+        sent.clear()
+        options = _options(
+            tmp_path, max_paragraphs=2, max_new_tokens=2, capacity_paragraphs=0, fold_in=FoldInConfig(steps=0),
+            runs=runs, **{flag: value},
+        )  # fmt: skip
+        report = eval_squad(options, None)
+        assert report["config"][flag] == value
+        assert {(w, tuple(p)) for mode, w, p in sent if mode == "combine"} == {(readers[0], tuple(readers[1]))}
+        assert {(w, tuple(p)) for mode, w, p in sent if mode == "context"} == {(1.0, ())}
     with pytest.raises(ValidationError):  # a weight of 1 would drop the bare reader: use mix 0 for that
         SquadEval(_options(tmp_path, combine_mix=1.0), tmp_path / "work")
+    with pytest.raises(ValidationError):  # two ways to combine at once
+        SquadEval(_options(tmp_path, combine_mix=0.3, combine_guidance=1.0), tmp_path / "work")
