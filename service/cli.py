@@ -404,6 +404,7 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         composition_temperature=args.composition_temperature,
         combine_mix=args.combine_mix,
         combine_guidance=args.combine_guidance,
+        combine_plausibility=args.combine_plausibility,
         runs=parse_runs(args.runs),
     )
     print(markdown(eval_squad(options, args.out)))
@@ -594,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="combine: a bare reader plus G times what the plugins change in the adapted reader's log-probabilities "
         "(default: the service's)",
+    )
+    squad.add_argument(
+        "--combine-plausibility",
+        type=float,
+        default=None,
+        help="combine, with a mix or guidance: only tokens the bare reader finds at least P times as likely as its top "
+        "token can be picked (default: the service's; 0: no cut-off)",
     )
     _add_fold_in_args(squad)
     squad.add_argument(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -65,11 +66,14 @@ class GenerationRequest:
 
 @dataclass
 class Reader:
-    """A partner row: the bare model (use_adapter False) or the adapter with composition z (None: z = 0)."""
+    """A partner row: the bare model (use_adapter False) or the adapter with composition z (None: z = 0).
+    plausibility > 0 makes it a gatekeeper: a token it finds less than plausibility times as likely as its own top
+    token is never picked (contrastive decoding's plausibility constraint), whatever the other rows say."""
 
     z: Tensor | None
     use_adapter: bool
     weight: float
+    plausibility: float = 0.0
 
 
 @dataclass
@@ -332,8 +336,10 @@ class Engine:
 
     def _pick(self, logits: Tensor, row: _Row) -> int:
         if len(row.ids) < row.request.min_new_tokens:
-            logits = logits.clone()
-            logits[list(self.eos_ids)] = float("-inf")
+            masked = logits.clone()
+            masked[list(self.eos_ids)] = float("-inf")
+            if torch.isfinite(masked).any():  # a gatekeeping reader may have left end-of-text alone
+                logits = masked
         temperature = row.request.temperature
         if temperature <= 0:
             return int(torch.argmax(logits))
@@ -387,12 +393,17 @@ def _width(request: GenerationRequest) -> int:
 
 def _scores(logits: Tensor, i: int, request: GenerationRequest) -> Tensor:
     """What the request whose own row is i picks its token from: its logits, or with partners (rows i + 1, ...)
-    the weighted sum of every row's log-probabilities."""
+    the weighted sum of every row's log-probabilities, less the tokens a gatekeeping partner rules out."""
     if not request.partners:
         return logits[i]
     weights = torch.tensor([request.weight] + [p.weight for p in request.partners])  # (W,)
     logp = F.log_softmax(logits[i : i + len(weights)].float(), -1)  # (W, V)
-    return (weights[:, None] * logp).sum(0)
+    scores = (weights[:, None] * logp).sum(0)
+    for row, p in enumerate(request.partners, start=1):
+        if p.plausibility > 0:  # its top token always stays, so something can be picked
+            implausible = logp[row] < logp[row].max() + math.log(p.plausibility)
+            scores = scores.masked_fill(implausible, -math.inf)
+    return scores
 
 
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:

@@ -96,6 +96,7 @@ class EvalOptions:
     composition_temperature: float | None = None  # None: the service's setting (KPLUG_COMPOSITION_TEMPERATURE)
     combine_mix: float | None = None  # None: the service's setting (KPLUG_COMBINE_MIX)
     combine_guidance: float | None = None  # None: the service's setting (KPLUG_COMBINE_GUIDANCE)
+    combine_plausibility: float | None = None  # None: the service's setting (KPLUG_COMBINE_PLAUSIBILITY)
     capacity_paragraphs: int = 12
     runs: Sequence[tuple[Mode, str]] = tuple(DEFAULT_RUNS)
 
@@ -138,6 +139,7 @@ class SquadEval:
             "composition_temperature": options.composition_temperature,
             "combine_mix": options.combine_mix,
             "combine_guidance": options.combine_guidance,
+            "combine_plausibility": options.combine_plausibility,
         }
         settings = Settings(
             data_dir=workdir,
@@ -219,6 +221,7 @@ class SquadEval:
                 "composition_scale": rt.settings.composition_scale,
                 "combine_mix": rt.settings.combine_mix,
                 "combine_guidance": rt.settings.combine_guidance,
+                "combine_plausibility": rt.settings.combine_plausibility,
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },

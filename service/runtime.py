@@ -206,14 +206,15 @@ class Runtime:
 
     def _readers(self, mode: Mode) -> tuple[list[Reader], float]:
         """Partner readers decoded beside a request's own row, and its own row's weight (combine_mix,
-        combine_guidance)."""
+        combine_guidance, combine_plausibility)."""
         s = self.settings
         if mode != "combine":
             return [], 1.0
         if s.combine_guidance > 0:
-            return [Reader(None, False, 1.0), Reader(None, True, -s.combine_guidance)], s.combine_guidance
+            bare = Reader(None, False, 1.0, s.combine_plausibility)
+            return [bare, Reader(None, True, -s.combine_guidance)], s.combine_guidance
         if s.combine_mix > 0:
-            return [Reader(None, False, 1 - s.combine_mix)], s.combine_mix
+            return [Reader(None, False, 1 - s.combine_mix, s.combine_plausibility)], s.combine_mix
         return [], 1.0
 
     def submit(self, prepared: Prepared) -> RequestHandle:

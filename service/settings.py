@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # ... or from the bare reader's + guidance * (the adapted reader's - the same reader's with no plugin): the
     # bare reader moved by what the plugins alone change
     combine_guidance: float = Field(0.0, ge=0)
+    # with either: tokens the bare reader finds less than plausibility times as likely as its top token are never
+    # picked, so the plugins only choose among what the bare reader would say (0: no cut-off; 1: the bare reader)
+    combine_plausibility: float = Field(0.0, ge=0, le=1)
     max_batch: int = Field(8, ge=1)  # rows decoded together in one forward
     queue_size: int = Field(64, ge=1)  # waiting generation requests; beyond it 429
     request_timeout_s: float = Field(120.0, gt=0)
@@ -63,6 +66,10 @@ class Settings(BaseSettings):
     def _one_combine_reader(self) -> Settings:
         if self.combine_mix > 0 and self.combine_guidance > 0:
             raise ValueError("combine_mix and combine_guidance are two ways to combine readers: set one")
+        if self.combine_plausibility > 0 and self.combine_mix == 0 and self.combine_guidance == 0:
+            raise ValueError(
+                "combine_plausibility cuts off a bare reader's tokens: set combine_mix or combine_guidance"
+            )
         return self
 
     @field_validator("api_key", mode="before")

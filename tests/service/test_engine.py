@@ -122,7 +122,11 @@ def _mixed_reference(tiny: BaseModel, adapter: PluginAdapter, request: Generatio
     for _ in range(request.max_new_tokens):
         with torch.no_grad(), adapter.use(z, gate):
             logits = tiny.model(input_ids=torch.tensor([ids] * len(readers))).logits[:, -1].float().log_softmax(-1)
-        token = int((weights[:, None] * logits).sum(0).argmax())
+        scores = (weights[:, None] * logits).sum(0)
+        for r, logp in zip(readers, logits, strict=True):  # gatekeepers rule out what they find implausible
+            if r.plausibility > 0:
+                scores[logp.exp() < r.plausibility * logp.exp().max()] = -torch.inf
+        token = int(scores.argmax())
         if token == tiny.tokenizer.eos_token_id:
             break
         ids.append(token)
@@ -137,6 +141,7 @@ def test_requests_with_partner_readers_decode_their_mixture_beside_plain_rows(
         r.use_adapter, r.shared_weight, r.weight = True, 1.0, 0.5
         r.partners = [Reader(None, False, 0.5)]  # the mix: half the bare reader
     requests[2].weight, requests[2].partners = 2.0, [Reader(None, False, 1.0), Reader(None, True, -2.0)]  # guidance
+    requests[3].weight, requests[3].partners = 2.0, [Reader(None, False, 1.0, 0.5), Reader(None, True, -2.0)]
     engine = Engine(tiny.model, tiny.tokenizer, tiny_adapter, max_batch=5)
     engine.start()
     try:
@@ -148,6 +153,26 @@ def test_requests_with_partner_readers_decode_their_mixture_beside_plain_rows(
         assert t.text == tiny.tokenizer.decode(_mixed_reference(tiny, tiny_adapter, r), skip_special_tokens=True)
     assert together[0].text == asyncio.run(_single(tiny, tiny_adapter, requests[0])).text
     assert any(a.text != t.text for a, t in zip(alone, together[1:], strict=True))  # the partners count
+
+
+def test_a_gatekeeping_reader_rules_out_what_it_finds_implausible(tiny: BaseModel, tiny_adapter: PluginAdapter) -> None:
+    request = replace(_requests(tiny, tiny_adapter)[1], max_new_tokens=12, weight=8.0)
+    guided = [Reader(None, False, 1.0), Reader(None, True, -8.0)]  # strong guidance: far from the bare reader
+    bare = replace(request, use_adapter=False, z=None, weight=1.0)
+
+    def decode(plausibility: float) -> str:
+        gated = [replace(guided[0], plausibility=plausibility), guided[1]]
+        return asyncio.run(_single(tiny, tiny_adapter, replace(request, partners=gated))).text
+
+    ungated, loose, strict = decode(0.0), decode(0.5), decode(1.0)
+    assert strict == asyncio.run(_single(tiny, tiny_adapter, bare)).text  # only the bare reader's top token passes
+    assert len({ungated, loose, strict}) == 3  # the cut-off binds, and less at 0.5 than at 1
+    assert loose == tiny.tokenizer.decode(
+        _mixed_reference(
+            tiny, tiny_adapter, replace(request, partners=[replace(guided[0], plausibility=0.5), guided[1]])
+        ),
+        skip_special_tokens=True,
+    )
 
 
 async def _single(tiny: BaseModel, adapter: PluginAdapter, request: GenerationRequest) -> Finished:

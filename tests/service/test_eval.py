@@ -492,31 +492,39 @@ def test_combine_readers_reach_combine_requests_only_and_are_recorded(
 ) -> None:
     _squad(tmp_path / "squad.json")
     PluginAdapter(tiny_model(), AdapterConfig(rank=4, targets=["o"], layers=[-1])).save(tmp_path / "adapter")
-    sent: list[tuple[str, float, list[tuple[bool, float]]]] = []
+    sent: list[tuple[str, float, list[tuple[bool, float, float]]]] = []
     submit = Runtime.submit
 
     def record(self: Runtime, prepared: Any) -> Any:
         r = prepared.request
-        sent.append((prepared.mode, r.weight, [(p.use_adapter, p.weight) for p in r.partners]))
+        sent.append((prepared.mode, r.weight, [(p.use_adapter, p.weight, p.plausibility) for p in r.partners]))
         assert all(p.z is None for p in r.partners)
         return submit(self, prepared)
 
     monkeypatch.setattr(Runtime, "submit", record)
     runs = [("context", "retrieved"), ("combine", "retrieved")]
-    for flag, value, readers in (
-        ("combine_mix", 0.4, (0.4, [(False, 0.6)])),  # 0.4 adapted + 0.6 bare
-        ("combine_guidance", 1.5, (1.5, [(False, 1.0), (True, -1.5)])),  # bare + 1.5 (plugins - no plugin)
+    for given, readers in (
+        ({"combine_mix": 0.4}, (0.4, [(False, 0.6, 0.0)])),  # 0.4 adapted + 0.6 bare
+        ({"combine_guidance": 1.5}, (1.5, [(False, 1.0, 0.0), (True, -1.5, 0.0)])),  # bare + 1.5 (plugins - none)
+        (  # the same, only among the tokens the bare reader finds at least a tenth as likely as its top one
+            {"combine_guidance": 1.5, "combine_plausibility": 0.1},
+            (1.5, [(False, 1.0, 0.1), (True, -1.5, 0.0)]),
+        ),
     ):
         sent.clear()
         options = _options(
             tmp_path, max_paragraphs=2, max_new_tokens=2, capacity_paragraphs=0, fold_in=FoldInConfig(steps=0),
-            runs=runs, **{flag: value},
+            runs=runs, **given,
         )  # fmt: skip
         report = eval_squad(options, None)
-        assert report["config"][flag] == value
+        assert all(report["config"][flag] == value for flag, value in given.items())
         assert {(w, tuple(p)) for mode, w, p in sent if mode == "combine"} == {(readers[0], tuple(readers[1]))}
         assert {(w, tuple(p)) for mode, w, p in sent if mode == "context"} == {(1.0, ())}
     with pytest.raises(ValidationError):  # a weight of 1 would drop the bare reader: use mix 0 for that
         SquadEval(_options(tmp_path, combine_mix=1.0), tmp_path / "work")
     with pytest.raises(ValidationError):  # two ways to combine at once
         SquadEval(_options(tmp_path, combine_mix=0.3, combine_guidance=1.0), tmp_path / "work")
+    with pytest.raises(ValidationError):  # a cut-off is a fraction of the top token's probability
+        SquadEval(_options(tmp_path, combine_guidance=1.0, combine_plausibility=1.5), tmp_path / "work")
+    with pytest.raises(ValidationError):  # no bare reader to cut off by
+        SquadEval(_options(tmp_path, combine_plausibility=0.1), tmp_path / "work")
