@@ -10,7 +10,8 @@ the next step: its KV cache is left-padded to the batch's length (or the batch t
 row is dropped. Padding is masked, so a request's output is the one it would get alone.
 
 A request with partner readers takes adjacent rows, its own first, all on the same prompt and sharing one token
-list; each step picks one token from a weighted sum of the rows' log-probabilities, and the rows leave together.
+list; each step picks one token from a weighted sum of the rows' log-probabilities (never one a gatekeeping partner
+finds implausible), and the rows leave together.
 """
 
 from __future__ import annotations
