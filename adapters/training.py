@@ -65,10 +65,6 @@ class FoldInConfig(Schema):
     self_study: int = Field(0, ge=0)  # examples per document written by the model reading it (adapters.distill)
     written: int = Field(0, ge=0)  # questions per document asked by the adapter's question writer (adapters.qgen)
     max_examples: int | None = Field(16, ge=1)  # per document, all sources; None: all the builder makes
-    # Examples per document in each step, taken in turn (every k-th of the document's examples, k = its examples /
-    # this): a step costs about as many examples as this, and Adam's moments carry the other turns' gradients.
-    # None: every example in every step.
-    step_examples: int | None = Field(None, ge=1)
     # The steps' matrix products: bfloat16 autocast (x, its optimiser and the losses stay float32) halves fold-in on
     # a CPU with bfloat16 instructions and moves plugins by about 1% (README, "Fold-in in bfloat16").
     # auto: bfloat16 where the hardware has it, float32 elsewhere, where emulated bfloat16 would be slower.
@@ -311,17 +307,6 @@ def fold_in_examples(
     return out
 
 
-def step_turns(doc_of: Sequence[int], per_step: int | None, steps: int) -> list[list[int]]:
-    """Each step's examples (given by their documents) under FoldInConfig.step_examples: step s takes every k-th of
-    each document's examples from its (s mod k)-th (k = ceil(its examples / per_step)), spread over the document, so a
-    document's turns do not depend on the documents folded in beside it."""
-    mine: dict[int, list[int]] = {}
-    for i, d in enumerate(doc_of):
-        mine.setdefault(d, []).append(i)
-    k = {d: 1 if per_step is None else -(-len(idx) // per_step) for d, idx in mine.items()}
-    return [sorted(i for d, idx in mine.items() for i in idx[s % k[d] :: k[d]]) for s in range(steps)]
-
-
 def fold_in(
     adapter: PluginAdapter,
     model: CausalLM,
@@ -358,35 +343,23 @@ def fold_in(
     with precision:
         cache = _PrefixCache(model, examples, adapter.lowest_layer)
     device = model_device(model)
+    doc_of_example = torch.tensor([e.doc for e in examples], device=device)
+    counts = torch.bincount(doc_of_example, minlength=len(texts)).clamp(min=1)  # (N,)
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
     # activations, and allocating it each step cost more time (page faults) than the arithmetic.
+    order = _by_length(examples)
     layer_call = layer_call_for(config.compile)
-    Batches = list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]]
+    chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
+    batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = [
+        (
+            torch.tensor([examples[i].doc for i in c], device=device),
+            *cache.batch(c, examples),
+            soft_batch([examples[i].soft for i in c], [len(examples[i].ids) for i in c]),
+        )
+        for c in chunks
+    ]
 
-    def batches_of(idx: Sequence[int]) -> tuple[Batches, Tensor]:
-        """idx's micro-batches, and each document's number of examples among idx (N,), at least 1."""
-        order = sorted(idx, key=lambda i: len(examples[i].ids))
-        chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
-        counts = torch.bincount(torch.tensor([examples[i].doc for i in idx]), minlength=len(texts)).clamp(min=1)
-        return [
-            (
-                torch.tensor([examples[i].doc for i in c], device=device),
-                *cache.batch(c, examples),
-                soft_batch([examples[i].soft for i in c], [len(examples[i].ids) for i in c]),
-            )
-            for c in chunks
-        ], counts.to(device)
-
-    every = batches_of(range(len(examples)))
-    parts = {tuple(range(len(examples))): every}  # micro-batches by their examples: steps taking the same share them
-    turns = [tuple(t) for t in step_turns([e.doc for e in examples], config.step_examples, steps)]
-    for turn in turns:
-        if turn not in parts:
-            parts[turn] = batches_of(turn)
-
-    def per_doc_loss(x: Tensor, part_of: tuple[Batches, Tensor], backward: bool = False) -> Tensor:
-        """x (N, M, r) -> (N,), each document's mean loss over its examples among those batches."""
-        batches, counts = part_of
+    def per_doc_loss(x: Tensor, backward: bool = False) -> Tensor:  # x (N, M, r) -> (N,), mean over examples
         total = torch.zeros(len(texts), device=device)
         for doc_of, h, mask, labels, soft in batches:
             with precision, step_attention(model, config.attention), adapter.use(x[doc_of]):
@@ -406,12 +379,12 @@ def fold_in(
     with torch.enable_grad():  # callers (the engine's thread) may have switched gradients off
         for _ in range(steps):
             opt.zero_grad()
-            losses.append(per_doc_loss(x, parts[turns[len(losses)]], backward=True))
+            losses.append(per_doc_loss(x, backward=True))
             (config.l2 * (x**2).sum()).backward()
             opt.step()
-    initial = losses[0]  # the first step's loss is at x0 (on its turn's examples): no separate forward for it
+    initial = losses[0]  # the first step's loss is at x0: no separate forward for it
     with torch.no_grad():
-        final = per_doc_loss(x, every)
+        final = per_doc_loss(x)
     seconds = (time.perf_counter() - started) / len(texts)
     plugins = x.detach().float().cpu().numpy()
     final, initial = final.cpu(), initial.cpu()

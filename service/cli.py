@@ -300,11 +300,6 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         "--fold-in-max-examples", type=int, default=16, help="training examples per document, all sources (default 16)"
     )
     parser.add_argument(
-        "--fold-in-step-examples",
-        type=int,
-        help="training examples per document in each step, taken in turn (default: all of them)",
-    )
-    parser.add_argument(
         "--fold-in-distill", type=float, default=0.0, help="weight of context distillation in those steps (default 0)"
     )
     parser.add_argument(
@@ -343,7 +338,6 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         self_study=args.fold_in_self_study,
         written=args.fold_in_written,
         max_examples=args.fold_in_max_examples,
-        step_examples=args.fold_in_step_examples,
         precision=args.fold_in_precision,
         compile=args.fold_in_compile,
     )

@@ -25,7 +25,6 @@ from adapters.training import (
     fold_in,
     resolved_precision,
     step_precision,
-    step_turns,
 )
 
 TEXT = "The Eiffel Tower in Paris was completed in 1889 by Gustave Eiffel for the World Fair."
@@ -82,29 +81,6 @@ def test_fold_in_reports_the_loss_of_the_starting_plugin_as_initial(
     assert abs(still.loss - still.initial_loss) < 1e-4  # a step that barely moves x: the same loss before and after
     assert abs(moved.initial_loss - still.initial_loss) < 1e-5  # before any step, whatever the steps do
     assert moved.loss < moved.initial_loss - 0.05
-
-
-def test_step_turns_take_each_documents_examples_in_spread_turns() -> None:
-    # document 0 has five examples (three turns of at most two), document 1 two (one turn: both, every step)
-    assert step_turns([0, 0, 0, 0, 0, 1, 1], 2, 4) == [[0, 3, 5, 6], [1, 4, 5, 6], [2, 5, 6], [0, 3, 5, 6]]
-    assert step_turns([0, 0, 1], None, 2) == [[0, 1, 2], [0, 1, 2]]
-
-
-def test_fold_in_in_turns_writes_every_example_and_keeps_documents_independent(
-    tiny: BaseModel, tiny_adapter: PluginAdapter
-) -> None:
-    def run(texts: list[str], per_step: int | None) -> list[FoldInResult]:
-        config = FoldInConfig(steps=6, lr=0.3, step_examples=per_step, precision="float32")
-        return fold_in(tiny_adapter, tiny.model, tiny.tokenizer, texts, config)
-
-    every, ample, turns = run(TEXTS, None), run(TEXTS, 1000), run(TEXTS, 1)
-    for a, b, c in zip(every, ample, turns, strict=True):
-        assert float(abs(a.plugin - b.plugin).max()) < 1e-6  # a turn holding all examples is no turn at all
-        assert float(abs(a.plugin - c.plugin).max()) > 1e-3  # one example a step: other plugins...
-        assert c.loss < c.initial_loss  # ...that still learn (final loss over every example)
-    for text, joint in zip(TEXTS, turns, strict=True):  # a document's turns are its own, whoever is beside it
-        [alone] = run([text], 1)
-        assert float(abs(alone.plugin - joint.plugin).max()) < 1e-4
 
 
 def _fold_in_each(tiny: BaseModel, adapter: PluginAdapter, configs: list[FoldInConfig]) -> list[list[FoldInResult]]:
