@@ -30,7 +30,7 @@ from adapters.corpus import Document
 from adapters.distill import SoftBatch, SoftTargets, self_study_examples, soft_batch, soft_nll, teacher_targets
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
-from adapters.examples import EXAMPLE_BUILDERS, Example, reader_target, spread
+from adapters.examples import ANSWER_END, EXAMPLE_BUILDERS, Example, reader_target, spread
 from adapters.forward import (
     IGNORE,
     CausalLM,
@@ -43,6 +43,7 @@ from adapters.forward import (
     top_hidden,
 )
 from adapters.generation import greedy_generate
+from adapters.metrics import contained
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
@@ -92,6 +93,9 @@ class FitConfig(Schema):
     store_examples: int | None = Field(16, ge=1)  # per document, spread over it as fold-in does
     # of those, questions asked by the adapter's question writer (as fold-in's `written`), the builder's the rest
     store_written: int = Field(0, ge=0)
+    # Closed-book examples only where one of the document's store examples holds their answer (contained): U, V then
+    # learn to read what x can hold, not to guess answers no store example wrote. Reading examples are all kept.
+    store_covered: bool = False
     # Nested fit (needs `store`): each step folds its batch_size documents in as registration will (this many
     # steps at nested_lr from x = 0, U, V frozen), then trains U, V on their `examples` read through those plugins,
     # held constant (first order). 0: a free x per document, written over the epochs instead.
@@ -404,22 +408,31 @@ def fit(
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     per_doc = build_examples(config.examples, docs)
+    stored = None  # each document's store examples, as fold-in makes them from its text alone
+    if config.store is not None:
+        stored = fold_in_examples(
+            adapter, model, tokenizer, [Document(d.id, d.text) for d in docs], _store_fold_in(config)
+        )
+    if config.store_covered:
+        if stored is None:
+            raise InvalidInputError("closed-book examples covered by store examples: give a store builder")
+        per_doc = [covered_examples(exs, made) for exs, made in zip(per_doc, stored, strict=True)]
     kept = None
     if config.reading_targets == "reader":
         per_doc, kept = reader_targets(adapter, model, tokenizer, per_doc, progress=progress)
     examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
-        raise InvalidInputError(f"no {config.examples!r} training examples in the fitting corpus")
+        covered = " that its store examples cover" if config.store_covered else ""
+        raise InvalidInputError(f"no {config.examples!r} training examples{covered} in the fitting corpus")
     if config.nested:
         report = _fit_nested(adapter, model, tokenizer, docs, examples, config, progress)
         report.reader_targets = kept
         return report
     n_read = len(examples)  # with a store builder, examples from n_read on are the ones that write x
-    if config.store is not None:
+    if stored is not None:
         if adapter.encoder is not None:
             raise InvalidInputError("fit with a store builder learns a free x per document: fit without an encoder")
-        text_only = [Document(d.id, d.text) for d in docs]  # what fold-in sees: no questions
-        for i, exs in enumerate(fold_in_examples(adapter, model, tokenizer, text_only, _store_fold_in(config))):
+        for i, exs in enumerate(stored):
             examples += encode_examples(tokenizer, i, exs, config.max_len)
     precision = step_precision(model, config.precision)
     with precision:
@@ -494,6 +507,12 @@ def reader_targets(
             out[i][j] = reader_target(per_doc[i][j], answer, finished)
             kept += out[i][j] is not per_doc[i][j]
     return out, kept
+
+
+def covered_examples(examples: Sequence[Example], stored: Sequence[Example]) -> list[Example]:
+    """FitConfig.store_covered: the reading examples, and the closed-book ones whose answer a store target holds."""
+    targets = [e.target.removesuffix(ANSWER_END) for e in stored]
+    return [e for e in examples if e.reading or any(contained(t, [e.target.removesuffix(ANSWER_END)]) for t in targets)]
 
 
 def _shared_weights(

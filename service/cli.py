@@ -109,6 +109,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         store=args.store,
         store_examples=args.store_examples,
         store_written=args.store_written,
+        store_covered=args.store_covered,
         nested=args.nested,
         nested_lr=args.nested_lr,
         max_len=args.max_len,
@@ -477,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="of those, questions from the question writer (of --writer or --init), as fold-in's --fold-in-written",
+    )
+    fit.add_argument(
+        "--store-covered",
+        action="store_true",
+        help="closed-book examples only where a store example's target holds their answer (reading examples all kept)",
     )
     fit.add_argument(
         "--nested",

@@ -14,6 +14,7 @@ from adapters.base_model import BaseModel, tiny_model
 from adapters.corpus import QA, Document
 from adapters.encoder import EncoderConfig
 from adapters.errors import CheckpointError, InvalidInputError
+from adapters.examples import ANSWER_END, Example
 from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
 from adapters.training import (
@@ -21,6 +22,7 @@ from adapters.training import (
     FoldInConfig,
     FoldInResult,
     build_examples,
+    covered_examples,
     fit,
     fold_in,
     resolved_precision,
@@ -257,6 +259,38 @@ def test_nested_fit_trains_u_v_to_read_real_fold_in_plugins() -> None:
     assert sum(report.losses[-3:]) < 0.95 * sum(report.losses[:3])
     assert all(not torch.equal(a, b) for a, b in zip(adapter.shared_parameters(), before, strict=True))
     assert not any(p.requires_grad for p in adapter.shared_parameters())  # frozen again after the fit
+
+
+def test_covered_examples_keep_reading_and_the_closed_book_ones_a_store_target_answers() -> None:
+    stored = [Example("When was it built?", "in 1889" + ANSWER_END), Example("Who?", "Gustave Eiffel" + ANSWER_END)]
+    asked = [
+        Example("When was the tower completed?", "1889" + ANSWER_END),
+        Example("Where is the tower?", "Paris" + ANSWER_END),
+        Example("Read: ... Where is the tower?", "Paris" + ANSWER_END, reading=True),
+        Example("Who built it?", "Eiffel" + ANSWER_END),
+    ]
+    assert covered_examples(asked, stored) == [asked[0], asked[2], asked[3]]
+
+
+def test_a_covered_fit_drops_the_closed_book_examples_no_store_example_answers() -> None:
+    """The years are in the documents: with their true answers the gold questions are covered and kept; two
+    shifted by 50 are not, and the fit has two examples fewer to take steps on. None covered is an error."""
+    docs = _numbered_docs(0)[:2] + _numbered_docs(50)[2:]
+    steps = []
+    for covered in (False, True):
+        tiny = tiny_model(seed=0)
+        adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-1], seed=3))
+        config = FitConfig(batch_size=1, store="questions", store_examples=4, store_covered=covered)
+        steps.append(fit(adapter, tiny.model, tiny.tokenizer, docs, config, progress=False).steps)
+    assert steps[1] == steps[0] - 2
+    with pytest.raises(InvalidInputError, match="store examples cover"):
+        fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(50), config, progress=False)
+
+
+def test_a_covered_fit_needs_a_store_builder(tiny: BaseModel) -> None:
+    adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-1]))
+    with pytest.raises(InvalidInputError, match="store builder"):
+        fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), FitConfig(store_covered=True), progress=False)
 
 
 def test_nested_fit_needs_a_store_builder(tiny: BaseModel) -> None:
