@@ -362,7 +362,8 @@ class SquadEval:
         """Is fold-in limited by what its examples ask or by how far plugins generalise? The share of questions whose
         reference answer is contained in the target of one of its paragraph's made examples (the builder's, as
         fold-in spreads them; written and self-study examples not counted), and plugins/oracle's contained rate on
-        both parts. Contained, as the metric: a clause target holding the answer covers it."""
+        both parts. Contained, as the metric: a clause target holding the answer covers it. And how often plugins
+        answer with another of the paragraph's targets (misrouted): facts held but given to the wrong question."""
         fold = self.runtime.settings.fold_in
         if fold_in_steps(self.runtime.adapter, fold) == 0:
             return {}
@@ -376,7 +377,21 @@ class SquadEval:
             got = _per_question(contained, outputs["plugins/oracle"], questions)
             for name, part in (("covered", covered), ("uncovered", ~covered)):
                 out[f"plugins/oracle contained, {name}"] = float(got[part].mean()) if part.any() else None
+        for run in ("plugins/oracle", "plugins/wrong"):  # the wrong plugin: how often that happens by chance
+            if run in outputs:
+                pairs = zip(outputs[run], questions, strict=True)
+                out[f"{run} answered with another target"] = float(
+                    np.mean([misrouted(o, q.qa.answers, targets[q.doc.id]) for o, q in pairs])
+                )
         return {"coverage": out}
+
+
+def misrouted(output: str, answers: Sequence[str], targets: Sequence[str]) -> bool:
+    """A wrong answer that holds one of the paragraph's fold-in targets: a fact its plugin was written with, given
+    to the wrong question. Targets under 4 characters are left out: short numbers match by chance."""
+    return not contained(output, answers) and any(
+        len(normalize_answer(t)) >= 4 and contained(output, [t]) for t in targets
+    )
 
 
 def answer_sources(outputs: Sequence[str], questions: Sequence[Question], texts: dict[str, str]) -> dict[str, float]:

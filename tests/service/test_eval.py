@@ -27,6 +27,7 @@ from service.eval_squad import (
     compare_answers,
     eval_squad,
     markdown,
+    misrouted,
     paired,
     parse_runs,
     sample_paragraphs,
@@ -185,7 +186,16 @@ def test_coverage_says_which_questions_the_fold_in_examples_ask(tmp_path: Path) 
         every["plugins/oracle contained, uncovered"] is None and every["plugins/oracle contained, covered"] is not None
     )
     assert first["questions_covered"] == 0.0 and first["plugins/oracle contained, covered"] is None
+    assert 0.0 <= every["plugins/oracle answered with another target"] <= 1.0
     assert coverage(1, "about")["questions_covered"] == 1.0
+
+
+def test_a_misrouted_answer_is_a_wrong_one_holding_another_target_of_its_paragraph() -> None:
+    targets = ["1889", "Gustave Eiffel", "12"]
+    assert misrouted("It was Gustave Eiffel.", ["1889"], targets)
+    assert not misrouted("in 1889", ["1889"], targets)  # right: not misrouted
+    assert not misrouted("12 metres", ["1889"], targets)  # a short number matches by chance: not counted
+    assert not misrouted("Paris", ["1889"], targets)  # wrong, but none of its targets
 
 
 def test_eval_keeps_plugins_in_the_format_asked_and_reports_their_bytes(tmp_path: Path) -> None:
