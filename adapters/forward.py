@@ -72,14 +72,6 @@ def label_nll(model: CausalLM, out: Tensor, labels: Tensor) -> Tensor:
     return row_mean(token_nll, rows, labels.shape[0])
 
 
-def rival_unlikelihood(model: CausalLM, out: Tensor, pos: Tensor, rivals: Tensor, present: Tensor) -> Tensor:
-    """-log(1 - p(any rival)) per row (B,): the probability the states out (B, T, d) give at each row's position pos
-    (B,) to its rival tokens rivals (B, R), where present (B, R)."""
-    logp = F.log_softmax(model.lm_head(out[torch.arange(len(pos), device=out.device), pos]).float(), dim=-1)  # (B, V)
-    p = (logp.gather(1, rivals).exp() * present).sum(1)  # (B,)
-    return -torch.log1p(-p.clamp(max=1 - 1e-4))
-
-
 def target_nll(
     model: CausalLM, h: Tensor, attention_mask: Tensor, labels: Tensor, start: int, call: LayerCall = call_layer
 ) -> Tensor:

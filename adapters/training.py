@@ -38,7 +38,6 @@ from adapters.forward import (
     call_layer,
     embed,
     label_nll,
-    rival_unlikelihood,
     run_layers,
     target_nll,
     top_hidden,
@@ -64,10 +63,6 @@ class FoldInConfig(Schema):
     # operations; README, "Fold-in speed, measured"), without the several GB that one batch of all examples takes.
     micro_batch: int = Field(32, ge=1)
     distill: float = Field(0.0, ge=0)  # weight of context distillation (adapters.distill); 0: answer NLL alone
-    # Weight of an unlikelihood term on the first tokens of the document's other targets, at each example's answer:
-    # plugins hand their facts to the wrong questions more often than to the right ones (README, "Where the own
-    # plugin's wrong answers come from"); 0: answer NLL alone
-    contrast: float = Field(0.0, ge=0)
     self_study: int = Field(0, ge=0)  # examples per document written by the model reading it (adapters.distill)
     written: int = Field(0, ge=0)  # questions per document asked by the adapter's question writer (adapters.qgen)
     max_examples: int | None = Field(16, ge=1)  # per document, all sources; None: all the builder makes
@@ -316,31 +311,6 @@ def fold_in_examples(
     return out
 
 
-def _rivals(examples: Sequence[_Encoded]) -> list[tuple[int, list[int]]]:
-    """Per example, the position whose state predicts its answer's first token, and that token's rivals: the first
-    tokens of its document's other targets, its own left out (FoldInConfig.contrast)."""
-    starts = [int((e.labels != IGNORE).nonzero()[0]) for e in examples]  # encode_examples: a label after position 0
-    firsts = [int(e.labels[k]) for e, k in zip(examples, starts, strict=True)]
-    of_doc: dict[int, set[int]] = {}
-    for e, first in zip(examples, firsts, strict=True):
-        of_doc.setdefault(e.doc, set()).add(first)
-    return [
-        (max(k - 1, 0), sorted(of_doc[e.doc] - {first})) for e, k, first in zip(examples, starts, firsts, strict=True)
-    ]
-
-
-def _rival_batch(rivals: Sequence[tuple[int, list[int]]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Positions (b,), rival tokens (b, R) padded with 0, and which are present (b, R)."""
-    width = max(1, max(len(r) for _, r in rivals))
-    ids = torch.zeros(len(rivals), width, dtype=torch.long)
-    present = torch.zeros(len(rivals), width)
-    for row, (_, r) in enumerate(rivals):
-        ids[row, : len(r)] = torch.tensor(r, dtype=torch.long)
-        present[row, : len(r)] = 1.0
-    pos = torch.tensor([k for k, _ in rivals])
-    return pos.to(device), ids.to(device), present.to(device)
-
-
 def fold_in(
     adapter: PluginAdapter,
     model: CausalLM,
@@ -384,27 +354,23 @@ def fold_in(
     order = _by_length(examples)
     layer_call = layer_call_for(config.compile)
     chunks = [order[i : i + config.micro_batch] for i in range(0, len(order), config.micro_batch)]
-    rivals = _rivals(examples) if config.contrast > 0 else None
-    batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None, tuple[Tensor, Tensor, Tensor] | None]] = [
+    batches: list[tuple[Tensor, Tensor, Tensor, Tensor, SoftBatch | None]] = [
         (
             torch.tensor([examples[i].doc for i in c], device=device),
             *cache.batch(c, examples),
             soft_batch([examples[i].soft for i in c], [len(examples[i].ids) for i in c]),
-            None if rivals is None else _rival_batch([rivals[i] for i in c], device),
         )
         for c in chunks
     ]
 
     def per_doc_loss(x: Tensor, backward: bool = False) -> Tensor:  # x (N, M, r) -> (N,), mean over examples
         total = torch.zeros(len(texts), device=device)
-        for doc_of, h, mask, labels, soft, rival in batches:
+        for doc_of, h, mask, labels, soft in batches:
             with precision, step_attention(model, config.attention), adapter.use(x[doc_of]):
                 out = top_hidden(model, h, mask, adapter.lowest_layer, layer_call)  # (b, T, d)
                 rows = label_nll(model, out, labels).float()  # (b,)
                 if soft is not None:
                     rows = rows + config.distill * soft_nll(model, out, soft).float()
-                if rival is not None:
-                    rows = rows + config.contrast * rival_unlikelihood(model, out, *rival)
             part = torch.zeros(len(texts), device=device).index_add(0, doc_of, rows) / counts  # (N,)
             if backward:  # accumulate per chunk so that only one chunk's activations live at a time
                 part.sum().backward()

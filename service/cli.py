@@ -301,12 +301,6 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         "--fold-in-max-examples", type=int, default=16, help="training examples per document, all sources (default 16)"
     )
     parser.add_argument(
-        "--fold-in-contrast",
-        type=float,
-        default=0.0,
-        help="weight of unlikelihood on the first tokens of the document's other targets (default 0)",
-    )
-    parser.add_argument(
         "--fold-in-distill", type=float, default=0.0, help="weight of context distillation in those steps (default 0)"
     )
     parser.add_argument(
@@ -342,7 +336,6 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         steps=args.fold_in_steps,
         lr=args.fold_in_lr,
         distill=args.fold_in_distill,
-        contrast=args.fold_in_contrast,
         self_study=args.fold_in_self_study,
         written=args.fold_in_written,
         max_examples=args.fold_in_max_examples,

@@ -15,7 +15,6 @@ from adapters.corpus import QA, Document
 from adapters.encoder import EncoderConfig
 from adapters.errors import CheckpointError, InvalidInputError
 from adapters.examples import ANSWER_END, Example
-from adapters.forward import IGNORE, rival_unlikelihood
 from adapters.generation import greedy_generate
 from adapters.prompts import chat_prompt
 from adapters.training import (
@@ -24,7 +23,6 @@ from adapters.training import (
     FoldInResult,
     build_examples,
     covered_examples,
-    encode_examples,
     fit,
     fold_in,
     resolved_precision,
@@ -85,43 +83,6 @@ def test_fold_in_reports_the_loss_of_the_starting_plugin_as_initial(
     assert abs(still.loss - still.initial_loss) < 1e-4  # a step that barely moves x: the same loss before and after
     assert abs(moved.initial_loss - still.initial_loss) < 1e-5  # before any step, whatever the steps do
     assert moved.loss < moved.initial_loss - 0.05
-
-
-def test_rival_unlikelihood_is_minus_log_of_the_mass_left_to_the_rest() -> None:
-    head = torch.nn.Linear(3, 3, bias=False)
-    torch.nn.init.eye_(head.weight)
-    model = type("Head", (), {"lm_head": head})()
-    out = torch.tensor([[[9.0, 9.0, 9.0], [0.0, 1.0, 2.0]]])  # (1, T=2, V=3): position 1 is the answer's
-    p = torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0)
-    got = rival_unlikelihood(model, out, torch.tensor([1]), torch.tensor([[2, 0]]), torch.tensor([[1.0, 0.0]]))
-    assert torch.allclose(got, -torch.log(1 - p[2:3]))  # token 0 is padding: not a rival
-
-
-def test_fold_in_contrast_takes_probability_off_the_documents_other_answers(
-    tiny: BaseModel, tiny_adapter: PluginAdapter
-) -> None:
-    """At each example's answer, the first tokens of the paragraph's other answers get less probability with the
-    contrast term than without it."""
-    [made] = build_examples("questions", [Document("d", TEXT)])
-    encoded = encode_examples(tiny.tokenizer, 0, made, 256)
-    starts = [int((e.labels != IGNORE).nonzero()[0]) for e in encoded]
-    firsts = [int(e.labels[k]) for e, k in zip(encoded, starts, strict=True)]
-    assert len(set(firsts)) >= 3
-
-    def rival_mass(plugin: torch.Tensor) -> float:
-        total = 0.0
-        for e, k, first in zip(encoded, starts, firsts, strict=True):
-            with torch.no_grad(), tiny_adapter.use(plugin[None]):
-                probs = torch.softmax(tiny.model(e.ids[None]).logits[0, k - 1].float(), -1)
-            total += float(probs[sorted(set(firsts) - {first})].sum())
-        return total
-
-    masses = []
-    for contrast in (0.0, 50.0):  # a strong weight: the tiny adapter moves the tiny model only a little
-        config = FoldInConfig(steps=10, lr=0.3, contrast=contrast, precision="float32")
-        [result] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], config)
-        masses.append(rival_mass(torch.from_numpy(result.plugin)))
-    assert masses[1] < 0.9 * masses[0]
 
 
 def _fold_in_each(tiny: BaseModel, adapter: PluginAdapter, configs: list[FoldInConfig]) -> list[list[FoldInResult]]:
