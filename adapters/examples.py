@@ -183,6 +183,17 @@ def spread(items: Sequence[T], n: int | None) -> list[T]:
     return [items[int(i * step)] for i in range(n)]
 
 
+def answer_targets(examples: Sequence[Example]) -> list[str]:
+    """The examples' targets without the end-of-answer token: the answers they write into a plugin."""
+    return [e.target.removesuffix(ANSWER_END) for e in examples]
+
+
+def covers(targets: Sequence[str], answers: Sequence[str]) -> bool:
+    """One of the targets holds a reference answer (contained, as the benchmark's metric): a question fold-in's
+    examples cover."""
+    return any(contained(t, answers) for t in targets)
+
+
 def first_mentions(text: str) -> list[tuple[str, int, int]]:
     """(sentence, start, end) of the first mention of every distinct entity or number span (case-folded), in order:
     asking about one span many times would crowd out the rest of the document."""

@@ -30,7 +30,7 @@ from adapters.corpus import Document
 from adapters.distill import SoftBatch, SoftTargets, self_study_examples, soft_batch, soft_nll, teacher_targets
 from adapters.encoder import token_features
 from adapters.errors import InvalidInputError
-from adapters.examples import ANSWER_END, EXAMPLE_BUILDERS, Example, reader_target, spread
+from adapters.examples import EXAMPLE_BUILDERS, Example, answer_targets, covers, reader_target, spread
 from adapters.forward import (
     IGNORE,
     CausalLM,
@@ -43,7 +43,6 @@ from adapters.forward import (
     top_hidden,
 )
 from adapters.generation import greedy_generate
-from adapters.metrics import contained
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
@@ -409,7 +408,7 @@ def fit(
     torch.manual_seed(config.seed)
     per_doc = build_examples(config.examples, docs)
     stored = None  # each document's store examples, as fold-in makes them from its text alone
-    if config.store is not None:
+    if config.store is not None and (config.store_covered or not config.nested):  # a nested fit folds them in itself
         stored = fold_in_examples(
             adapter, model, tokenizer, [Document(d.id, d.text) for d in docs], _store_fold_in(config)
         )
@@ -511,8 +510,8 @@ def reader_targets(
 
 def covered_examples(examples: Sequence[Example], stored: Sequence[Example]) -> list[Example]:
     """FitConfig.store_covered: the reading examples, and the closed-book ones whose answer a store target holds."""
-    targets = [e.target.removesuffix(ANSWER_END) for e in stored]
-    return [e for e in examples if e.reading or any(contained(t, [e.target.removesuffix(ANSWER_END)]) for t in targets)]
+    targets = answer_targets(stored)
+    return [e for e in examples if e.reading or covers(targets, answer_targets([e]))]
 
 
 def _shared_weights(

@@ -31,7 +31,7 @@ import numpy as np
 from adapters.adapter import read_checkpoint_meta
 from adapters.corpus import QA, Document, load_squad
 from adapters.errors import InvalidInputError
-from adapters.examples import ANSWER_END, spread
+from adapters.examples import answer_targets, covers, spread
 from adapters.metrics import contained, exact_match, f1, normalize_answer
 from adapters.training import FoldInConfig, build_examples, fold_in, fold_in_steps, resolved_precision
 from index.codec import PluginFormat
@@ -368,10 +368,10 @@ class SquadEval:
         if fold_in_steps(self.runtime.adapter, fold) == 0:
             return {}
         targets = {
-            doc.id: [e.target.removesuffix(ANSWER_END) for e in spread(made, fold.max_examples)]
+            doc.id: answer_targets(spread(made, fold.max_examples))
             for doc, made in zip(paragraphs, build_examples(fold.examples, paragraphs), strict=True)
         }
-        covered = np.array([any(contained(t, q.qa.answers) for t in targets[q.doc.id]) for q in questions])
+        covered = np.array([covers(targets[q.doc.id], q.qa.answers) for q in questions])
         out: dict[str, Any] = {"examples": fold.examples, "questions_covered": float(covered.mean())}
         if "plugins/oracle" in outputs:
             got = _per_question(contained, outputs["plugins/oracle"], questions)
