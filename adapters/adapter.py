@@ -58,6 +58,9 @@ class AdapterConfig(Schema):
     # A fitted with U, V (starting from the seeded random one) instead of fixed: a learned key map, so that the fit
     # can make a real question's A h land where the fold-in examples that wrote x put theirs
     learn_keys: bool = False
+    # Core plugins: each module's share of x is an r x keys matrix over a key map A of `keys` rows (plugin.py), not r
+    # numbers that scale r fixed key-value pairs. None: the diagonal plugin (README, "Core plugins").
+    keys: int | None = Field(None, ge=1, le=4096)
     # False: no shared term (V = 0, never fitted or stored), so z = 0 is exactly the bare model and `combine` with
     # no plugin is classic RAG; U then learns only to read plugins (README, "No shared term")
     shared_term: bool = True
@@ -74,7 +77,8 @@ class _Composition(threading.local):
 
 
 class PluginLinear(nn.Module):
-    """A frozen linear module plus s * U (V h + z * (A h)), z read from the adapter's active composition."""
+    """A frozen linear module plus s * U (V h + z * (A h)) (or a core's Z (A h) / sqrt(k)), z read from the adapter's
+    active composition."""
 
     def __init__(
         self,
@@ -87,6 +91,7 @@ class PluginLinear(nn.Module):
         state: _Composition,
         learn_keys: bool = False,
         shared_term: bool = True,
+        keys: int | None = None,
     ) -> None:
         super().__init__()
         self.base = base
@@ -103,7 +108,7 @@ class PluginLinear(nn.Module):
             self.V = nn.Parameter(torch.zeros(rank, in_f))  # (r, in): x = 0 starts as the bare base model
         else:
             self.register_parameter("V", None)
-        A = subspace(seed, index, rank, in_f)  # (r, in)
+        A = subspace(seed, index, keys or rank, in_f)  # (k, in); k = r for diagonal plugins
         self.A: Tensor
         if learn_keys:
             self.A = nn.Parameter(A)
@@ -113,7 +118,7 @@ class PluginLinear(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:  # h (B, T, in)
         st = self._state
-        zm = None if st.z is None else st.z.index_select(1, self.slot)[:, 0]  # (B, r)
+        zm = None if st.z is None else st.z.index_select(1, self.slot)[:, 0]  # (B, P)
         if zm is None and self.V is None:
             return self.base(h)
         delta = low_rank_delta(h, self.U, self.V, self.A, zm, self.scale, st.gate, st.shared)  # (B, T, out)
@@ -159,6 +164,7 @@ class PluginAdapter(nn.Module):
                     self._state,
                     config.learn_keys,
                     config.shared_term,
+                    config.keys,
                 )
                 setattr(parent, attr, module)
                 wrapped.append(module)
@@ -173,8 +179,8 @@ class PluginAdapter(nn.Module):
 
     @property
     def plugin_shape(self) -> tuple[int, int]:
-        """(M, r): one row of r numbers per adapted module."""
-        return (len(self.module_names), self.config.rank)
+        """(M, P): one row per adapted module, of r numbers (P = r), or an r x k core (P = r * k)."""
+        return (len(self.module_names), self.config.rank * (self.config.keys or 1))
 
     @property
     def plugin_bytes(self) -> int:

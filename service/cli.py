@@ -81,6 +81,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         layers=None if args.layers == "all" else parse_range(args.layers),
         encoder=None if args.no_encoder else EncoderConfig(layer=args.encoder_layer),
         learn_keys=args.learn_keys,
+        keys=args.keys,
         shared_term=not args.no_shared_term,
         shared_in_reading=not args.no_shared_in_reading,
     )
@@ -457,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--encoder-layer", type=int, default=8)
     fit.add_argument("--no-encoder", action="store_true", help="learn a free x per fitting document instead")
     fit.add_argument("--learn-keys", action="store_true", help="fit A with U, V instead of keeping it fixed")
+    fit.add_argument(
+        "--keys",
+        type=int,
+        default=None,
+        help="core plugins: an r x K matrix per module over K keys instead of r numbers (plugins of r * K per module)",
+    )
     fit.add_argument(
         "--no-shared-term", action="store_true", help="no V: with no plugin the adapter is the bare model exactly"
     )

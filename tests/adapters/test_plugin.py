@@ -146,3 +146,43 @@ def test_shared_zero_rows_get_the_plugins_term_alone(tiny: BaseModel, tiny_adapt
     assert not torch.allclose(full[0], plugin_term[0])  # V h is part of a full row's output
     torch.testing.assert_close(mixed[0], plugin_term[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(mixed[1], full[1], atol=1e-5, rtol=1e-4)
+
+
+def test_core_plugin_layer_equals_dense_weight_and_composes_linearly() -> None:
+    """A core plugin (r x k per module, AdapterConfig.keys) is still a weight delta s U (V + Z A / sqrt(k)), linear in
+    z: a composition's delta is the weighted sum of its plugins' deltas."""
+    W, U, V, _ = _module(r=3)
+    A = subspace(7, 0, 5, 10)  # (k, in): five keys for a rank-3 module
+    h = torch.randn(2, 4, 10)  # (B, T, in)
+    z = torch.randn(2, 15)  # (B, r * k)
+    y = modulated_forward(h, W, U, V, A, z, scale=0.5)
+    for b in range(2):
+        core = z[b].view(3, 5)  # (r, k)
+        dense = W + 0.5 * U @ (V + core @ A / 5**0.5)
+        torch.testing.assert_close(y[b], h[b] @ dense.T)
+        torch.testing.assert_close(delta_weight(U, V, A, z[b], 0.5), dense - W)
+    weights = torch.tensor([0.25, 0.75])
+    composed = compose(z[:, None], weights)[0]  # (r * k,)
+    singles = sum(w * delta_weight(U, V, A, x, 0.5) for w, x in zip(weights, z, strict=True))
+    torch.testing.assert_close(delta_weight(U, V, A, composed, 0.5), singles)
+
+
+def test_core_adapter_sizes_its_plugin_and_batches_per_row(tiny: BaseModel) -> None:
+    config = AdapterConfig(rank=2, keys=3, targets=["o", "down"], layers=[1, 2])
+    adapter = PluginAdapter(tiny, config)
+    assert adapter.plugin_shape == (4, 6) and adapter.plugin_bytes == 4 * 6 * codec.ITEMSIZE["float16"]
+    assert tuple(adapter.plugin_modules[0].A.shape) == (3, adapter.plugin_modules[0].base.in_features)
+    for module in adapter.plugin_modules:  # V = 0 at init: give the shared term a value so that it is exercised
+        assert module.V is not None
+        module.V.data.normal_(0, 0.05)
+    ids = torch.randint(3, 200, (2, 7))
+    z = torch.randn(2, *adapter.plugin_shape)
+    with torch.no_grad():
+        with adapter.use(z):
+            batched = tiny.model(ids).logits
+        with adapter.use(z[1:]):
+            single = tiny.model(ids[1:]).logits
+        with adapter.use(None):
+            plain = tiny.model(ids).logits
+    torch.testing.assert_close(batched[1:], single, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched, plain)
