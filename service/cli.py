@@ -53,6 +53,7 @@ def cmd_model_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
+    import numpy as np
     import torch
 
     from adapters.adapter import AdapterConfig, PluginAdapter
@@ -131,6 +132,9 @@ def cmd_fit(args: argparse.Namespace) -> None:
     }
     if args.max_docs is not None:
         extra["max_docs"] = args.max_docs
+    if report.plugins is not None:  # the size of x that U, V learned to read: what fold-in's steps should write
+        norms = np.linalg.norm(report.plugins.reshape(len(report.plugins), -1), axis=1)
+        extra["plugins"] = {"rms": float(np.sqrt(np.mean(report.plugins**2))), "mean_norm": float(norms.mean())}
     if report.reader_targets is not None:
         extra["reader_targets"] = report.reader_targets
     if args.retrieve:

@@ -331,7 +331,10 @@ class SquadEval:
                 "plugin_nn_same_article": same_article_rate(x),
                 "embedding_nn_same_article": same_article_rate(emb),
                 "chance": float(np.mean([(articles == a).sum() - 1 for a in articles]) / max(1, len(ids) - 1)),
-            }
+            },
+            # beside the fit's record of its free plugins (adapter.json, extra.plugins): does fold-in write x of
+            # the size U, V learned to read?
+            "plugins": {"rms": float(np.sqrt(np.mean(x**2))), "mean_norm": float(np.linalg.norm(x, axis=1).mean())},
         }
         # is the own plugin above no plugin, a wrong one, U, V alone; do plugins add to classic RAG?
         pairs = [("plugins/oracle", b) for b in ("none/none", "plugins/wrong", "plugins/shared")]

@@ -109,6 +109,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
     assert report["results"]["context/oracle"]["context_tokens"] > 5
     assert report["bytes_per_plugin"] == 4 * 4 * 2 and report["fold_in_seconds_per_doc"] > 0
     assert 0 <= report["retrieval_recall_at_k"] <= 1 and "plugin_nn_same_article" in report["similarity"]
+    assert set(report["plugins"]) == {"rms", "mean_norm"} and min(report["plugins"].values()) >= 0
     assert set(report["paired"]) == {
         "plugins/oracle vs none/none",
         "plugins/oracle vs plugins/wrong",
