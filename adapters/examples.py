@@ -145,6 +145,90 @@ def question_examples(doc: Document) -> list[Example]:
     return out or cloze_examples(doc)
 
 
+# function words and vague nouns: never part of a noun chunk
+_STOP = frozenset(
+    "a an the of in on at to for by with from as and or but nor is are was were be been being has have had do does did "  # noqa: SIM905
+    "its their his her this that these those which who whom whose what when where why how it they he she we you not no "
+    "than then so such also into onto over under about after before during between through while because if can could "
+    "may might will would should must there here some many most more much other another each every all both either "
+    "neither one any own same whole total part order fact addition general particular example way time until since "
+    "upon within without against among toward towards across along around behind beyond via per".split()
+)
+# Words after which a lowercase noun phrase often starts: determiners and prepositions (no tagger here)
+_LEAD = frozenset(
+    "a an the its their his her this these those our your my of in on at to for by with from into onto over under "  # noqa: SIM905
+    "about after before during between through as upon within without against among toward towards across along "
+    "around behind beyond via per".split()
+)
+_WORD = re.compile(r"[A-Za-z][\w'\-]*|\d[\w,.]*|\S")
+_NUMBER_WORDS = re.compile(
+    r"\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|fifty|hundred|"
+    r"thousand|million|billion)(?:[\s-](?:hundred|thousand|million|billion))?\b"
+)
+_ORDINAL = re.compile(r"\b\d+(?:st|nd|rd|th|s)\b(?:\s(?:century|centuries))?")
+
+
+def noun_chunks(body: str, longest: int = 3) -> list[tuple[int, int]]:
+    """Lowercase noun phrases by rule: up to `longest` lowercase content words right after a determiner or a
+    preposition ("on merchant ships", "a power outage"); a chunk stops before an adverb (-ly) or a participle (-ed)
+    past its first word, and a lone participle is no chunk: most are verbs and adjectives, not answers."""
+    words = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(body)]
+    out = []
+    i = 0
+    while i < len(words) - 1:
+        j = i + 1
+        if words[i][2].lower() in _LEAD:
+            while j < len(words) and j - i <= longest:
+                w = words[j][2]
+                if not re.fullmatch(r"[a-z][a-z\-]{2,}", w) or w in _STOP or w.endswith("ly"):
+                    break
+                if j > i + 1 and w.endswith("ed"):
+                    break
+                j += 1
+            if j > i + 1 and not (j == i + 2 and words[i + 1][2].endswith("ed")):
+                out.append((words[i + 1][0], words[j - 1][1]))
+                i = j
+                continue
+        i += 1
+    return out
+
+
+def fact_spans(body: str) -> list[tuple[int, int]]:
+    """Every answer-like span of a sentence, left to right, without overlaps: entities and numbers (cloze_spans),
+    ordinals and decades, number words, and lowercase noun chunks."""
+    found = cloze_spans(body)
+    found += [(m.start(), m.end()) for pattern in (_ORDINAL, _NUMBER_WORDS) for m in pattern.finditer(body)]
+    found += noun_chunks(body)
+    kept: list[tuple[int, int]] = []
+    for start, end in sorted(found, key=lambda se: (se[0], -se[1])):
+        if not kept or start >= kept[-1][1]:
+            kept.append((start, end))
+    return kept
+
+
+def fact_examples(doc: Document) -> list[Example]:
+    """One rule-made question per distinct answer-like span of the document (fact_spans), in order, the two
+    phrasings of question_examples alternating: more of what SQuAD asks is some span's answer (a lowercase noun
+    phrase, a number word, a century) than the entities and numbers alone, and one phrasing per span leaves the
+    example budget to more facts (README, "Core plugins")."""
+    out: list[Example] = []
+    seen: set[str] = set()
+    for sent in sentences(doc.text):
+        body = sent.rstrip(".!? ")
+        for start, end in fact_spans(body):
+            span = body[start:end]
+            if span.lower() in seen:
+                continue
+            seen.add(span.lower())
+            wh = "how many" if _NUMBER_WORDS.fullmatch(span) else "when" if _ORDINAL.fullmatch(span) else wh_word(span)
+            if len(out) % 2 == 0:
+                prompt = f"{body[:start]}{wh}{body[end:]}?"
+            else:
+                prompt = f"{wh.capitalize()}: {body[:start]}___{body[end:]}?"
+            out.append(Example(prompt, span + ANSWER_END))
+    return out or cloze_examples(doc)
+
+
 def _clause(body: str, start: int, min_words: int = 4) -> str:
     """The clause (between , ; : or brackets) of body holding position start, or all of body when it is shorter
     than min_words (an entity alone between commas says nothing about it)."""
@@ -223,6 +307,7 @@ EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "lm": lm_examples,
     "cloze": cloze_examples,
     "questions": question_examples,
+    "facts": fact_examples,
     "about": about_examples,
     "questions+about": questions_and_about,
 }

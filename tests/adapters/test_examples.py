@@ -47,3 +47,25 @@ def test_quoting_reading_examples_answer_with_the_clause_around_the_answer() -> 
         == "Paris, France, hosted the fair that year, and millions of visitors came"
     )
     assert answer_clause(TEXT, "the Louvre") == "the Louvre"
+
+
+def test_fact_examples_ask_each_answer_like_span_once_in_alternating_phrasings() -> None:
+    from adapters.examples import fact_examples, noun_chunks
+
+    text = (
+        "The Black Death was carried by rat fleas on merchant ships to Europe in 1347. "
+        "The population of Europe did not recover until the 17th century, and two kings died."
+    )
+    made = fact_examples(Document("d", text))
+    asked = {e.target.removesuffix(ANSWER_END): e.prompt for e in made}
+    # entities and years as before, and what the entity rule misses: lowercase noun phrases, centuries, number words
+    assert {"The Black Death", "Europe", "1347", "merchant ships", "17th century", "two"} <= set(asked)
+    assert len(asked) == len(made)  # each distinct span once: Europe, mentioned twice, is asked once
+    assert asked["1347"].startswith("When: ") or asked["1347"].endswith("in when?")
+    assert "when" in asked["17th century"].lower() and "how many" in asked["two"].lower()
+    fronted = [e.prompt.split(": ", 1)[0] in {"What", "When", "How many"} for e in made]
+    assert fronted == [i % 2 == 1 for i in range(len(made))]  # in-place and fronted phrasings alternate
+    # a noun chunk stops before a participle and an adverb, and a lone participle is none
+    body = "the plague reduced the world population quickly by an estimated 450 million"
+    chunks = [body[s:e] for s, e in noun_chunks(body)]
+    assert chunks == ["plague", "world population"]
