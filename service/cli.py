@@ -299,7 +299,7 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fold-in-examples",
         default="questions",
-        help="examples for those steps: questions, about, questions+about, cloze, lm",
+        help="examples for those steps: questions, facts, about, questions+about, cloze, lm",
     )
     parser.add_argument("--fold-in-lr", type=float, default=0.1)
     parser.add_argument(
