@@ -52,12 +52,23 @@ def _tokens_per_s(run: Any, new_tokens: int) -> float:
 
 
 def bench_adapter(
-    adapter_dir: Path, model: str = DEFAULT_MODEL, new_tokens: int = 64, repeats: int = 5, refine_repeats: int = 3
+    adapter_dir: Path,
+    model: str = DEFAULT_MODEL,
+    new_tokens: int = 64,
+    repeats: int = 5,
+    refine_repeats: int = 3,
+    against: Path | None = None,
 ) -> dict[str, Any]:
+    """against: a second adapter whose refined fold-in (the defaults, uncompiled) is timed in the same alternation,
+    so that two parametrisations' fold-in speeds are compared in one run rather than across sessions."""
     torch.manual_seed(0)
     bare = load_base_model(model)
     base = load_base_model(model)
     adapter = PluginAdapter.load(adapter_dir, base)
+    other = None
+    if against is not None:
+        other_base = load_base_model(model)
+        other = (other_base, PluginAdapter.load(against, other_base))
     prompt = [chat_prompt(base.tokenizer, PROMPT)]
 
     started = time.perf_counter()
@@ -79,13 +90,25 @@ def bench_adapter(
     started = time.perf_counter()
     fold_in(adapter, base.model, base.tokenizer, DOCUMENTS[:1], configs["compiled"])
     first_compiled = time.perf_counter() - started
-    refine: dict[str, list[float]] = {name: [] for name in configs}
+    refine: dict[str, list[float]] = {name: [] for name in [*configs, "against"]}
     for _ in range(refine_repeats):
         for name, config in configs.items():
             started = time.perf_counter()
             fold_in(adapter, base.model, base.tokenizer, DOCUMENTS[:1], config)
             refine[name].append(time.perf_counter() - started)
+        if other is not None:
+            started = time.perf_counter()
+            fold_in(other[1], other[0].model, other[0].tokenizer, DOCUMENTS[:1], configs["now"])
+            refine["against"].append(time.perf_counter() - started)
     now, before, compiled = (statistics.median(refine[name]) for name in ("now", "before", "compiled"))
+    compared: dict[str, Any] = {}
+    if refine["against"]:
+        seconds = statistics.median(refine["against"])
+        compared = {
+            "against": str(against),
+            "against_refined_fold_in_seconds": round(seconds, 3),
+            "refined_fold_in_ratio_to_against": round(now / seconds, 3),  # < 1: this adapter folds in faster
+        }
 
     def run_bare() -> None:
         greedy_generate(bare.model, bare.tokenizer, None, prompt, None, new_tokens, stop_at_eos=False)
@@ -121,4 +144,5 @@ def bench_adapter(
         "threads": torch.get_num_threads(),
         "adapter": str(adapter_dir),
         "model": base.identity.name,
+        **compared,
     }

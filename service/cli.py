@@ -166,7 +166,8 @@ def cmd_bench_adapter(args: argparse.Namespace) -> None:
     from adapters.bench import bench_adapter
     from adapters.default import default_adapter_dir
 
-    result = bench_adapter(args.adapter or default_adapter_dir(), args.model, args.new_tokens, args.repeats)
+    adapter = args.adapter or default_adapter_dir()
+    result = bench_adapter(adapter, args.model, args.new_tokens, args.repeats, against=args.against)
     print(_table(result))
     _write_json(args.out, result)
 
@@ -562,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     b_adapter.add_argument("--model", default="smollm2")
     b_adapter.add_argument("--new-tokens", type=int, default=64)
     b_adapter.add_argument("--repeats", type=int, default=5)
+    b_adapter.add_argument(
+        "--against", type=Path, default=None, help="a second adapter whose fold-in is timed alternately with this one's"
+    )
     b_adapter.add_argument("--out", type=Path, default=None)
     b_adapter.set_defaults(func=cmd_bench_adapter)
     b_index = bench.add_parser("index", help="add throughput, search latency by size, bytes per document")

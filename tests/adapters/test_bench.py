@@ -26,3 +26,16 @@ def test_bench_adapter_times_decoding_and_every_fold_in(tmp_path: Path) -> None:
     assert result["refined_fold_in_first_compiled_seconds"] > 0
     assert result["bytes_per_plugin"] == 4 * 4 * 2  # 2 layers x (o, down) = 4 modules, rank 4, float16 at rest
     assert result["plugin_shape"] == [4, 4] and result["fold_in_document_words"] == 159
+
+
+def test_bench_adapter_times_a_second_adapter_alternately(tmp_path: Path) -> None:
+    PluginAdapter(tiny_model(), AdapterConfig(rank=4, layers=[-1])).save(tmp_path / "diagonal")
+    PluginAdapter(tiny_model(), AdapterConfig(rank=2, keys=4, layers=[-1])).save(tmp_path / "core")
+    result = bench_adapter(
+        tmp_path / "core", TINY_MODEL, new_tokens=2, repeats=1, refine_repeats=1, against=tmp_path / "diagonal"
+    )
+    seconds = result["against_refined_fold_in_seconds"]
+    assert result["against"] == str(tmp_path / "diagonal") and seconds > 0
+    ratio = result["refined_fold_in_seconds"] / seconds
+    assert abs(result["refined_fold_in_ratio_to_against"] - ratio) < 0.01 * ratio + 1e-3
+    assert result["plugin_shape"] == [2, 8]  # o and down of one layer, each a 2 x 4 core
