@@ -16,6 +16,7 @@ class QA:
     question: str
     answers: tuple[str, ...]
     contexts: tuple[str, ...] = ()  # fitting only: the paragraphs retrieval gives this question (index.retrieval)
+    retrieved: tuple[tuple[str, float], ...] = ()  # fitting only: those paragraphs' document ids and scores
 
 
 @dataclass

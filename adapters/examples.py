@@ -26,6 +26,9 @@ class Example:
     chat: bool = True
     reading: bool = False  # asked with paragraphs in the prompt, as `combine` asks
     answers: tuple[str, ...] = ()  # a reading example's reference answers (reader_target checks against them)
+    # the documents (ids, retrieval scores) whose plugins a nested fit composes for it, as the query path composes
+    # the retrieved ones; empty: its own document's plugin alone
+    composed: tuple[tuple[str, float], ...] = ()
 
 
 ANSWER_END = "<|im_end|>"
@@ -43,7 +46,9 @@ def sentences(text: str) -> list[str]:
 
 def qa_examples(doc: Document) -> list[Example]:
     """The document's own questions with their first reference answer (fitting corpora only)."""
-    return [Example(qa.question, qa.answers[0] + ANSWER_END) for qa in doc.questions if qa.answers]
+    return [
+        Example(qa.question, qa.answers[0] + ANSWER_END, composed=qa.retrieved) for qa in doc.questions if qa.answers
+    ]
 
 
 def reading_examples(
@@ -62,6 +67,7 @@ def reading_examples(
             (answer_clause(doc.text, qa.answers[0]) if quote else qa.answers[0]) + ANSWER_END,
             reading=True,
             answers=qa.answers,
+            composed=qa.retrieved,
         )
         for qa in read
     ]

@@ -43,6 +43,7 @@ from adapters.forward import (
     top_hidden,
 )
 from adapters.generation import greedy_generate
+from adapters.plugin import retrieval_weights
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
@@ -100,6 +101,9 @@ class FitConfig(Schema):
     # held constant (first order). 0: a free x per document, written over the epochs instead.
     nested: int = Field(0, ge=0)
     nested_lr: float = Field(1.0, gt=0)
+    # softmax temperature over the retrieval scores of examples that compose plugins (Example.composed), as the
+    # service's composition_temperature
+    composition_temperature: float = Field(0.01, gt=0)
     l2: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     # U, V's gradient norm is clipped to this (None: not clipped); with lr 1e-3 it kept the rank-512 fit from the
@@ -140,6 +144,7 @@ class _Encoded:
     labels: Tensor  # (T,)
     soft: SoftTargets | None = None  # the teacher's, when fold-in distils
     reading: bool = False  # Example.reading
+    composed: tuple[tuple[str, float], ...] = ()  # Example.composed
 
 
 def encode_examples(
@@ -153,7 +158,7 @@ def encode_examples(
         ids = (prompt + target)[:max_len]
         labels = ([IGNORE] * len(prompt) + target)[:max_len]
         if any(label != IGNORE for label in labels[1:]):
-            out.append(_Encoded(doc, torch.tensor(ids), torch.tensor(labels), reading=ex.reading))
+            out.append(_Encoded(doc, torch.tensor(ids), torch.tensor(labels), reading=ex.reading, composed=ex.composed))
     return out
 
 
@@ -585,35 +590,79 @@ def _fit_nested(
     precision = step_precision(model, config.precision)
     with precision:
         cache = _PrefixCache(model, examples, adapter.lowest_layer)
+    position = {d.id: j for j, d in enumerate(docs)}
+    # each example's plugin as the query path makes it: its retrieved documents' plugins weighted by their scores
+    # (Example.composed), or its own document's alone
+    mixes = [
+        (
+            [position[d] for d, _ in e.composed],
+            retrieval_weights(torch.tensor([s for _, s in e.composed]), config.composition_temperature),
+        )
+        if e.composed
+        else ([e.doc], torch.ones(1))
+        for e in examples
+    ]
     of_doc: dict[int, list[int]] = {}
     for i, e in enumerate(examples):
         of_doc.setdefault(e.doc, []).append(i)
-    readable = sorted(of_doc)  # documents with questions to read their plugin with
+    links = {d: {j for i in idx for j in mixes[i][0]} for d, idx in of_doc.items()}
     opt = _shared_optimizer(adapter, config)
     layer_call = layer_call_for(config.compile)
-    total = max(1, int(config.epochs * len(readable) / config.batch_size))
-    queue: list[list[int]] = []
+    queue = _nested_batches(links, config.batch_size, rng)
+    total = max(1, int(config.epochs * len(queue)))
     losses: list[float] = []
     bar = tqdm(range(total), desc="nested fit", disable=not progress)
     with _training(adapter):
         for _ in bar:
             if not queue:
-                order = rng.sample(readable, len(readable))
-                queue = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+                queue = _nested_batches(links, config.batch_size, rng)
             group = queue.pop()
+            folded_docs = sorted(set(group).union(*(links[d] for d in group)))  # every plugin the batch composes
             with _training(adapter, thawed=False):  # as registration: U, V frozen, no gradient kept for them
-                folded = fold_in(adapter, model, tokenizer, [Document(str(d), docs[d].text) for d in group], fold)
-            plugins = torch.from_numpy(np.stack([r.plugin for r in folded])).to(cache.device)  # (G, M, r)
+                folded = fold_in(adapter, model, tokenizer, [Document(str(d), docs[d].text) for d in folded_docs], fold)
+            plugins = torch.from_numpy(np.stack([r.plugin for r in folded])).to(cache.device)  # (F, M, P)
             idx = [i for d in group for i in of_doc[d]]
-            row = {d: k for k, d in enumerate(group)}
+            row = {d: k for k, d in enumerate(folded_docs)}
+            weights = torch.zeros(len(idx), len(folded_docs))  # (B, F)
+            for n, i in enumerate(idx):
+                for d, w in zip(*mixes[i], strict=True):
+                    weights[n, row[d]] += w
+            z = torch.einsum("bf,fmp->bmp", weights.to(cache.device), plugins)  # (B, M, P)
             h, mask, labels = cache.batch(idx, examples)
             shared = _shared_weights(adapter, examples, idx, cache.device)
-            with precision, adapter.use(plugins[[row[examples[i].doc] for i in idx]], shared=shared):
+            with precision, adapter.use(z, shared=shared):
                 nll = target_nll(model, h, mask, labels, adapter.lowest_layer, layer_call).float().mean()
             _step(adapter, [opt], nll, config.clip)
             losses.append(nll.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     return FitReport(total, losses, time.perf_counter() - started)
+
+
+def _nested_batches(links: dict[int, set[int]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of a nested fit's document batches, shuffled: documents whose examples compose each other's plugins
+    (links: document -> the documents its examples compose) kept together, so that one fold-in serves them all,
+    packed up to batch_size. With no links, a shuffled cut into batch_size."""
+    parent = {d: d for d in links}
+
+    def root(d: int) -> int:
+        while parent[d] != d:
+            d = parent[d]
+        return d
+
+    for d, linked in links.items():
+        for j in linked:
+            if j in parent:
+                parent[root(j)] = root(d)
+    components: dict[int, list[int]] = {}
+    for d in sorted(links):
+        components.setdefault(root(d), []).append(d)
+    pieces = [c[k : k + batch_size] for c in components.values() for k in range(0, len(c), batch_size)]
+    batches: list[list[int]] = []
+    for piece in rng.sample(pieces, len(pieces)):
+        if not batches or len(batches[-1]) + len(piece) > batch_size:
+            batches.append([])
+        batches[-1] += piece
+    return batches
 
 
 def _length_grouped(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:

@@ -73,7 +73,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         from index.embedder import Embedder
         from index.retrieval import with_retrieved_contexts
 
-        docs = with_retrieved_contexts(docs, Embedder(), args.retrieve)
+        docs = with_retrieved_contexts(docs, Embedder(), args.retrieve, args.retrieve_within)
     config = AdapterConfig(
         rank=args.rank,
         alpha=args.alpha if args.alpha else float(args.rank),
@@ -139,6 +139,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         extra["reader_targets"] = report.reader_targets
     if args.retrieve:
         extra["retrieve"] = args.retrieve
+        extra["retrieve_within"] = args.retrieve_within
     if args.init:
         extra["init"] = {"folder": str(args.init), "checkpoint": adapter.checkpoint_id}
     ckpt = adapter.save(args.out, extra, half=args.half)
@@ -446,7 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="reading examples (qa+reading*, reading) show the question's top-K retrieved fitting paragraphs, "
-        "as combine does; 0: its own paragraph alone",
+        "as combine does; 0: its own paragraph alone. A nested fit composes their plugins for the question, as "
+        "the query path does",
+    )
+    fit.add_argument(
+        "--retrieve-within",
+        type=int,
+        default=None,
+        help="with --retrieve: retrieve among neighbourhoods of N paragraphs of an article (the paragraph and its "
+        "nearest), so that a nested fit's step folds in every plugin it composes; default: among all",
     )
     fit.add_argument(
         "--reading-targets",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapters import training
 from adapters.adapter import AdapterConfig, PluginAdapter, read_checkpoint_meta
 from adapters.base_model import BaseModel, tiny_model
 from adapters.corpus import QA, Document
@@ -259,6 +262,58 @@ def test_nested_fit_trains_u_v_to_read_real_fold_in_plugins() -> None:
     assert sum(report.losses[-3:]) < 0.95 * sum(report.losses[:3])
     assert all(not torch.equal(a, b) for a, b in zip(adapter.shared_parameters(), before, strict=True))
     assert not any(p.requires_grad for p in adapter.shared_parameters())  # frozen again after the fit
+
+
+def test_nested_fit_reads_each_question_through_its_retrieved_composition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each question retrieves the next document, not its own (Example.composed): every step folds that one in too
+    and U, V read the composition of the retrieved plugins by their softmax weights."""
+    docs = _numbered_docs(0)
+    docs = [
+        dataclasses.replace(
+            d,
+            questions=[dataclasses.replace(d.questions[0], retrieved=((f"d{(i + 1) % 4}", 0.9), (d.id, 0.2)))],
+        )
+        for i, d in enumerate(docs)
+    ]
+    tiny = tiny_model(seed=0)
+    adapter = PluginAdapter(tiny, AdapterConfig(rank=4, layers=[-1], seed=3))
+    folded: list[dict[str, torch.Tensor]] = []
+    read: list[torch.Tensor] = []
+    real_fold_in, real_use = training.fold_in, adapter.use
+
+    def recording_fold_in(*args: object, **kwargs: object) -> list[FoldInResult]:
+        results = real_fold_in(*args, **kwargs)  # type: ignore[arg-type]
+        texts = [d.text for d in args[3]]  # type: ignore[attr-defined]
+        folded.append({t.split()[1]: torch.from_numpy(r.plugin) for t, r in zip(texts, results, strict=True)})
+        return results
+
+    def recording_use(z: torch.Tensor, **kwargs: object) -> object:
+        if "shared" in kwargs:  # the step that trains U, V (fold-in's own steps pass no shared weights)
+            read.append(z.detach().clone())
+        return real_use(z, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(training, "fold_in", recording_fold_in)
+    monkeypatch.setattr(adapter, "use", recording_use)
+    config = FitConfig(epochs=1, batch_size=1, lr=1e-2, store="questions", store_examples=4, nested=2, nested_lr=0.3)
+    report = fit(adapter, tiny.model, tiny.tokenizer, docs, config, progress=False)
+    assert report.steps == 4
+    weights = torch.softmax(torch.tensor([0.9, 0.2]) / config.composition_temperature, dim=0)
+    for plugins, z in zip(folded, read, strict=True):
+        assert len(plugins) == 2  # the batch's document and the one its question retrieves
+        [own] = [n for n in plugins if str((int(n) + 3) % 4) not in plugins]  # the one whose predecessor is absent
+        [nxt] = [n for n in plugins if n != own]
+        expected = weights[0] * plugins[nxt] + weights[1] * plugins[own]
+        torch.testing.assert_close(z[0].float(), expected.to(z.device).float(), atol=1e-5, rtol=1e-4)
+
+
+def test_nested_batches_keep_documents_that_compose_each_other_together() -> None:
+    links = {0: {0, 1}, 1: {1}, 2: {2}, 3: {3, 4}, 4: {4}, 5: {5}}
+    for _ in range(5):
+        batches = training._nested_batches(links, 2, random.Random(_))
+        assert sorted(d for b in batches for d in b) == list(range(6))
+        assert [0, 1] in batches and [3, 4] in batches and all(len(b) <= 2 for b in batches)
+    singles = {d: {d} for d in range(5)}
+    assert [len(b) for b in training._nested_batches(singles, 2, random.Random(0))] == [2, 2, 1]
 
 
 def test_covered_examples_keep_reading_and_the_closed_book_ones_a_store_target_answers() -> None:
