@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,7 @@ from adapters.plugin import retrieval_weights
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
 
+log = logging.getLogger(__name__)
 Precision = Literal["auto", "float32", "bfloat16"]  # of the steps' matrix products; see step_precision
 Attention = Literal["auto", "math", "fused"]  # the steps' attention kernel; see step_attention
 
@@ -253,9 +255,20 @@ def _bf16_native(device: torch.device) -> bool:
 
 def resolved_precision(model: CausalLM, precision: Precision) -> str:
     """What "auto" means on the model's device: bfloat16 or float32."""
+    device = next(model.parameters()).device
+    if precision == "bfloat16" and not _bf16_native(device):
+        _warn_emulated(device.type)
     if precision != "auto":
         return precision
-    return "bfloat16" if _bf16_native(next(model.parameters()).device) else "float32"
+    return "bfloat16" if _bf16_native(device) else "float32"
+
+
+@functools.cache
+def _warn_emulated(device_type: str) -> None:
+    # measured on a 2-core AVX2 CPU: a one-step fold-in 150 s in bfloat16 against 6 s in float32
+    log.warning(
+        "bfloat16 asked for, but the %s has no bfloat16 arithmetic: emulated, far slower (use auto)", device_type
+    )
 
 
 def step_precision(model: CausalLM, precision: Precision) -> contextlib.AbstractContextManager[object]:

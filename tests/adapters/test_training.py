@@ -152,6 +152,18 @@ def test_step_precision_switches_autocast_for_the_steps_only(tiny: BaseModel) ->
     assert resolved_precision(tiny.model, "float32") == "float32"
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_without_bfloat16_arithmetic_is_warned_about(
+    tiny: BaseModel, native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(training, "_bf16_native", lambda device: native)
+    training._warn_emulated.cache_clear()
+    with caplog.at_level("WARNING", logger="adapters.training"):
+        assert resolved_precision(tiny.model, "bfloat16") == "bfloat16"  # what was asked, warned or not
+        assert resolved_precision(tiny.model, "auto") == ("bfloat16" if native else "float32")
+    assert ("emulated" in caplog.text) is not native
+
+
 def test_fit_learns_shared_matrices_and_leaves_base_untouched(tiny: BaseModel) -> None:
     config = AdapterConfig(rank=4, targets=["o", "down"], layers=[-2, -1], encoder=EncoderConfig(layer=1, hidden=32))
     adapter = PluginAdapter(tiny, config)
