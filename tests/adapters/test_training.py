@@ -472,7 +472,9 @@ def test_core_plugins_are_fitted_folded_in_and_reloaded(tmp_path: Path) -> None:
     config = FitConfig(epochs=3, batch_size=4, lr=1e-2, x_lr=0.1, store="questions", store_examples=4)
     report = fit(adapter, tiny.model, tiny.tokenizer, _numbered_docs(0), config, progress=False)
     assert report.plugins is not None and report.plugins.shape[1:] == (4, 6) == adapter.plugin_shape
-    [folded] = fold_in(adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=15, lr=0.3))
+    # lr 0.3 oscillates on this tiny model (on an AVX2 CPU 15 steps lowered the loss by 0.043, 30 by 0.013);
+    # 60 steps at 0.1 lower it steadily (0.09 there)
+    [folded] = fold_in(adapter, tiny.model, tiny.tokenizer, [TEXT], FoldInConfig(steps=60, lr=0.1))
     assert folded.plugin.shape == (4, 6) and folded.loss < folded.initial_loss - 0.05
     adapter.save(tmp_path / "ckpt")
     fresh = tiny_model(seed=0)
