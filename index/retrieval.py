@@ -44,17 +44,19 @@ def with_retrieved_contexts(
     if within is not None and within < k:
         raise InvalidInputError(f"retrieve {k} paragraphs among neighbourhoods of at least as many, not {within}")
     vectors = embedder.embed([d.text for d in docs])  # (N, d)
+    first = np.cumsum([0] + [len(d.questions) for d in docs])  # document i's questions are rows first[i]: ...
+    asked = embedder.embed([qa.question for d in docs for qa in d.questions])  # (Q, d), one encoder pass
     groups = [list(range(len(docs)))] if within is None else neighbourhoods(docs, vectors, within)
     attached: list[list[QA]] = [[] for _ in docs]
     for group in groups:
-        index = VectorIndex(vectors.shape[1], kind="flat")
-        index.build(np.array(group), vectors[group])
         questions = [(i, qa) for i in group for qa in docs[i].questions]
         if not questions:
             continue
-        asked = embedder.embed([qa.question for _, qa in questions])  # (Q, d)
-        ids, scores = index.search(asked, min(k, len(group)))  # (Q, k) each
-        for (i, qa), q, row, row_scores in zip(questions, asked, ids, scores, strict=True):
+        rows = asked[np.concatenate([np.arange(first[i], first[i + 1]) for i in group])]  # (q, d)
+        index = VectorIndex(vectors.shape[1], kind="flat")
+        index.build(np.array(group), vectors[group])
+        ids, scores = index.search(rows, min(k, len(group)))  # (q, k) each
+        for (i, qa), q, row, row_scores in zip(questions, rows, ids, scores, strict=True):
             top = [(int(j), float(s)) for j, s in zip(row, row_scores, strict=True)]
             if i not in [j for j, _ in top]:
                 top[-1] = (i, float(vectors[i] @ q))
