@@ -444,25 +444,35 @@ def _answers(path: Path, run: str) -> dict[str, tuple[Question, str]]:
             if run not in row["outputs"]:
                 raise InvalidInputError(f"{path} has no run {run!r}; it has {sorted(row['outputs'])}")
             qa = QA(row["id"], row["question"], tuple(row["references"]))
-            out[row["id"]] = (Question(Document(row["paragraph"], ""), qa, [], ""), row["outputs"][run])
+            retrieved = [(str(doc_id), 0.0) for doc_id in row.get("retrieved", [])]  # scores are not stored
+            out[row["id"]] = (Question(Document(row["paragraph"], ""), qa, retrieved, ""), row["outputs"][run])
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"{path} is not an answers file of kplug eval squad: {exc}") from exc
     return out
 
 
 def compare_answers(a: tuple[Path, str], b: tuple[Path, str]) -> dict[str, Any]:
-    """Two runs, possibly of two evaluations (two adapters), paired on the same questions."""
+    """Two runs, possibly of two evaluations (two adapters), paired on the same questions, and split by whether
+    retrieval's top-1 (in a's file) is the question's own paragraph: a composition of retrieved plugins is mostly
+    the top-1 plugin, so the split tells a wrong composition's harm from the right plugin's."""
     first, second = _answers(*a), _answers(*b)
     if first.keys() != second.keys():
         raise InvalidInputError("the two runs answered different questions: compare runs of the same sample")
     ids = sorted(first)
     questions = [first[i][0] for i in ids]
     outputs_a, outputs_b = [first[i][1] for i in ids], [second[i][1] for i in ids]
+    by_top1 = {}
+    for name, own in (("top1_own", True), ("top1_other", False)):
+        keep = [k for k, q in enumerate(questions) if q.retrieved and (q.retrieved[0][0] == q.doc.id) == own]
+        if keep:
+            sub = [questions[k] for k in keep]
+            by_top1[name] = {"n": len(keep), **paired([outputs_a[k] for k in keep], [outputs_b[k] for k in keep], sub)}
     return {
         "a": {"file": str(a[0]), "run": a[1], **_score(outputs_a, questions)},
         "b": {"file": str(b[0]), "run": b[1], **_score(outputs_b, questions)},
         "n": len(ids),
         **paired(outputs_a, outputs_b, questions),
+        "by_top1": by_top1,
     }
 
 

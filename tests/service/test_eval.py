@@ -347,7 +347,8 @@ def test_paired_comparison_counts_wins_and_losses_and_tests_them() -> None:
 def test_compare_pairs_runs_of_two_answer_files_by_question(tmp_path: Path) -> None:
     def write(name: str, runs: dict[str, list[str]], ids: range = range(12)) -> Path:
         rows = [
-            {"id": f"q{i}", "paragraph": "p", "question": "When?", "references": ["1889"], "retrieved": [],
+            {"id": f"q{i}", "paragraph": "p", "question": "When?", "references": ["1889"],
+             "retrieved": ["p", "o"] if i % 2 else ["o", "p"],
              "outputs": {run: outs[i] for run, outs in runs.items()}}
             for i in ids
         ]  # fmt: skip
@@ -360,6 +361,12 @@ def test_compare_pairs_runs_of_two_answer_files_by_question(tmp_path: Path) -> N
     t = compare_answers((a, "combine/retrieved"), (b, "context/retrieved"))
     assert (t["wins"], t["losses"], t["n"]) == (10, 2, 12)
     assert t["a"]["contained"] == 10 / 12 and t["b"]["contained"] == 2 / 12
+    own, other = t["by_top1"]["top1_own"], t["by_top1"]["top1_other"]  # odd ids have their own paragraph first
+    assert (own["n"], own["wins"], own["losses"]) == (6, 5, 1) and (other["n"], other["wins"], other["losses"]) == (
+        6,
+        5,
+        1,
+    )
     with pytest.raises(InvalidInputError, match="no run 'combine/oracle'"):
         compare_answers((a, "combine/oracle"), (b, "none/none"))
     short = write("c", {"none/none": ["no"] * 12}, range(6))
