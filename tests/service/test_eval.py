@@ -362,11 +362,8 @@ def test_compare_pairs_runs_of_two_answer_files_by_question(tmp_path: Path) -> N
     assert (t["wins"], t["losses"], t["n"]) == (10, 2, 12)
     assert t["a"]["contained"] == 10 / 12 and t["b"]["contained"] == 2 / 12
     own, other = t["by_top1"]["top1_own"], t["by_top1"]["top1_other"]  # odd ids have their own paragraph first
-    assert (own["n"], own["wins"], own["losses"]) == (6, 5, 1) and (other["n"], other["wins"], other["losses"]) == (
-        6,
-        5,
-        1,
-    )
+    assert (own["n"], own["wins"], own["losses"]) == (6, 5, 1)
+    assert (other["n"], other["wins"], other["losses"]) == (6, 5, 1)
     with pytest.raises(InvalidInputError, match="no run 'combine/oracle'"):
         compare_answers((a, "combine/oracle"), (b, "none/none"))
     short = write("c", {"none/none": ["no"] * 12}, range(6))
