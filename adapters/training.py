@@ -51,6 +51,7 @@ from adapters.qgen import QuestionWriter, training_pairs, written_examples
 log = logging.getLogger(__name__)
 Precision = Literal["auto", "float32", "bfloat16"]  # of the steps' matrix products; see step_precision
 Attention = Literal["auto", "math", "fused"]  # the steps' attention kernel; see step_attention
+Optimizer = Literal["adam", "normalized"]  # fold-in's update rule; see FoldInConfig.optimizer
 
 
 class FoldInConfig(Schema):
@@ -79,6 +80,9 @@ class FoldInConfig(Schema):
     # of an eager step was elementwise work and copies between the matrix products (README, "Fold-in speed,
     # measured"), for a compilation of about a minute once per process (seconds with Inductor's disk cache warm).
     compile: bool = False
+    # adam: Adam at lr, whose first steps move every coordinate of x by about lr, those with a near-zero gradient too.
+    # normalized: each plugin moves along its own gradient, scaled to an rms step of lr (normalized_step).
+    optimizer: Optimizer = "adam"
 
 
 class FitConfig(Schema):
@@ -395,14 +399,17 @@ def fold_in(
         return total
 
     x = x0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=config.lr)
+    opt = torch.optim.Adam([x], lr=config.lr) if config.optimizer == "adam" else None
     losses: list[Tensor] = []
     with torch.enable_grad():  # callers (the engine's thread) may have switched gradients off
         for _ in range(steps):
-            opt.zero_grad()
+            x.grad = None
             losses.append(per_doc_loss(x, backward=True))
             (config.l2 * (x**2).sum()).backward()
-            opt.step()
+            if opt is not None:
+                opt.step()
+            else:
+                normalized_step(x, config.lr)
     initial = losses[0]  # the first step's loss is at x0: no separate forward for it
     with torch.no_grad():
         final = per_doc_loss(x)
@@ -410,6 +417,16 @@ def fold_in(
     plugins = x.detach().float().cpu().numpy()
     final, initial = final.cpu(), initial.cpu()
     return [FoldInResult(plugins[i].copy(), float(final[i]), float(initial[i]), seconds) for i in range(len(texts))]
+
+
+def normalized_step(x: Tensor, lr: float) -> None:
+    """x[i] -= lr * g[i] / rms(g[i]) for each document's plugin x[i]: a step of rms lr, as Adam's first, but spread
+    over the coordinates as the gradient is, so that coordinates the examples barely touch stay near x0."""
+    assert x.grad is not None
+    g = x.grad
+    rms = g.pow(2).mean(dim=tuple(range(1, g.dim())), keepdim=True).sqrt().clamp_min(1e-12)  # (N, 1, 1)
+    with torch.no_grad():
+        x -= lr * g / rms
 
 
 def fit(

@@ -333,6 +333,12 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the steps' layers through torch.compile: faster steps after a compilation of about a minute",
     )
+    parser.add_argument(
+        "--fold-in-optimizer",
+        choices=["adam", "normalized"],
+        default="adam",
+        help="adam, or normalized: each plugin's gradient scaled to an rms step of --fold-in-lr (default adam)",
+    )
 
 
 def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
@@ -348,6 +354,7 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         max_examples=args.fold_in_max_examples,
         precision=args.fold_in_precision,
         compile=args.fold_in_compile,
+        optimizer=args.fold_in_optimizer,
     )
 
 

@@ -73,6 +73,23 @@ def test_fold_in_of_several_documents_equals_one_at_a_time(tiny: BaseModel, tiny
         assert abs(alone.loss - joint.loss) < 1e-3
 
 
+def test_normalized_fold_in_lowers_loss_with_one_rms_step_per_document(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
+) -> None:
+    config = FoldInConfig(steps=1, lr=0.3, l2=0.0, precision="float32", optimizer="normalized")
+    together = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, TEXTS, config)
+    for text, joint in zip(TEXTS, together, strict=True):
+        # x0 = 0 without an encoder: one step moves each plugin by exactly rms lr, whatever the other document's
+        # gradient (Adam's first step would be about lr on every coordinate instead)
+        assert tiny_adapter.encoder is None
+        assert abs(float((joint.plugin**2).mean()) ** 0.5 - 0.3) < 1e-4
+        assert float(abs(joint.plugin).max()) > 0.3 * 1.5  # spread as the gradient is, not as its sign
+        [alone] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [text], config)
+        assert abs(float(abs(alone.plugin - joint.plugin).max())) < 1e-4
+    [longer] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [TEXT], config.model_copy(update={"steps": 10}))
+    assert longer.loss < longer.initial_loss - 0.05
+
+
 def test_fold_in_reports_the_loss_of_the_starting_plugin_as_initial(
     tiny: BaseModel, tiny_adapter: PluginAdapter
 ) -> None:
