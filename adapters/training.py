@@ -83,6 +83,10 @@ class FoldInConfig(Schema):
     # adam: Adam at lr, whose first steps move every coordinate of x by about lr, those with a near-zero gradient too.
     # normalized: each plugin moves along its own gradient, scaled to an rms step of lr (normalized_step).
     optimizer: Optimizer = "adam"
+    # Split each document's examples into this many groups, each written into its own plugin by the steps, and sum
+    # them: with Adam every plugin moves about lr a coordinate a step, so each group's facts get a full step's budget
+    # at the same cost (each example still runs every step).
+    groups: int = Field(1, ge=1)
 
 
 class FitConfig(Schema):
@@ -354,12 +358,14 @@ def fold_in(
     if steps == 0:  # the amortised path: one encoder forward, nothing trained, no loss to report
         seconds = (time.perf_counter() - started) / len(texts)
         return [FoldInResult(x.float().cpu().numpy().copy(), None, None, seconds) for x in x0]
-    per_doc = fold_in_examples(adapter, model, tokenizer, docs, config)
-    examples = [e for i, exs in enumerate(per_doc) for e in encode_examples(tokenizer, i, exs, config.max_len)]
+    g = config.groups
+    # row i * g + j of x is group j of document i: its examples j, j + g, ...; a document's plugin is its rows' sum
+    per_row = [exs[j::g] for exs in fold_in_examples(adapter, model, tokenizer, docs, config) for j in range(g)]
+    examples = [e for i, exs in enumerate(per_row) for e in encode_examples(tokenizer, i, exs, config.max_len)]
     if not examples:
         raise InvalidInputError("the document yields no training examples")
     if config.distill > 0:
-        for i, text in enumerate(texts):
+        for i, text in enumerate(t for t in texts for _ in range(g)):
             mine = [e for e in examples if e.doc == i]
             soft = teacher_targets(adapter, model, tokenizer, text, [e.ids for e in mine])
             for e, targets in zip(mine, soft, strict=True):
@@ -369,7 +375,7 @@ def fold_in(
         cache = _PrefixCache(model, examples, adapter.lowest_layer)
     device = model_device(model)
     doc_of_example = torch.tensor([e.doc for e in examples], device=device)
-    counts = torch.bincount(doc_of_example, minlength=len(texts)).clamp(min=1)  # (N,)
+    counts = torch.bincount(doc_of_example, minlength=len(per_row)).clamp(min=1)  # (N * g,)
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
     # activations, and allocating it each step cost more time (page faults) than the arithmetic.
     order = _by_length(examples)
@@ -384,21 +390,21 @@ def fold_in(
         for c in chunks
     ]
 
-    def per_doc_loss(x: Tensor, backward: bool = False) -> Tensor:  # x (N, M, r) -> (N,), mean over examples
-        total = torch.zeros(len(texts), device=device)
+    def per_doc_loss(x: Tensor, backward: bool = False) -> Tensor:  # x (N * g, M, r) -> (N * g,), mean per row
+        total = torch.zeros(len(per_row), device=device)
         for doc_of, h, mask, labels, soft in batches:
             with precision, step_attention(model, config.attention), adapter.use(x[doc_of]):
                 out = top_hidden(model, h, mask, adapter.lowest_layer, layer_call)  # (b, T, d)
                 rows = label_nll(model, out, labels).float()  # (b,)
                 if soft is not None:
                     rows = rows + config.distill * soft_nll(model, out, soft).float()
-            part = torch.zeros(len(texts), device=device).index_add(0, doc_of, rows) / counts  # (N,)
+            part = torch.zeros(len(per_row), device=device).index_add(0, doc_of, rows) / counts  # (N * g,)
             if backward:  # accumulate per chunk so that only one chunk's activations live at a time
                 part.sum().backward()
             total += part.detach()
         return total
 
-    x = x0.clone().requires_grad_(True)
+    x = (x0 / g).repeat_interleave(g, dim=0).requires_grad_(True)  # the rows sum to x0
     opt = torch.optim.Adam([x], lr=config.lr) if config.optimizer == "adam" else None
     losses: list[Tensor] = []
     with torch.enable_grad():  # callers (the engine's thread) may have switched gradients off
@@ -410,11 +416,18 @@ def fold_in(
                 opt.step()
             else:
                 normalized_step(x, config.lr)
-    initial = losses[0]  # the first step's loss is at x0: no separate forward for it
-    with torch.no_grad():
-        final = per_doc_loss(x)
+    summed = x.detach().unflatten(0, (len(texts), g)).sum(1)  # (N, M, r)
+    n = torch.bincount(doc_of_example, minlength=len(per_row)).float().view(len(texts), g)
+
+    def by_doc(loss: Tensor) -> Tensor:  # (N * g,) row means -> (N,) means over each document's examples
+        return (loss.view(len(texts), g) * n).sum(1) / n.sum(1).clamp(min=1)
+
+    with torch.no_grad():  # every row's examples under its document's summed plugin, as a query will read them
+        final = by_doc(per_doc_loss(summed.repeat_interleave(g, dim=0)))
+        # the first step's loss is at x0 (no separate forward for it) unless the rows split x0 between them
+        initial = by_doc(losses[0] if g == 1 else per_doc_loss(x0.repeat_interleave(g, dim=0)))
     seconds = (time.perf_counter() - started) / len(texts)
-    plugins = x.detach().float().cpu().numpy()
+    plugins = summed.float().cpu().numpy()
     final, initial = final.cpu(), initial.cpu()
     return [FoldInResult(plugins[i].copy(), float(final[i]), float(initial[i]), seconds) for i in range(len(texts))]
 

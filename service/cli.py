@@ -339,6 +339,12 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         default="adam",
         help="adam, or normalized: each plugin's gradient scaled to an rms step of --fold-in-lr (default adam)",
     )
+    parser.add_argument(
+        "--fold-in-groups",
+        type=int,
+        default=1,
+        help="write each document's examples in this many groups, each into its own plugin, and sum them (default 1)",
+    )
 
 
 def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
@@ -355,6 +361,7 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         precision=args.fold_in_precision,
         compile=args.fold_in_compile,
         optimizer=args.fold_in_optimizer,
+        groups=args.fold_in_groups,
     )
 
 
@@ -414,6 +421,8 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         batch=args.batch,
         model=args.model,
         capacity_paragraphs=args.capacity_paragraphs,
+        capacity_steps=args.capacity_steps,
+        capacity_lr=args.capacity_lr,
         fold_in=_fold_in_config(args),
         plugin_format=args.plugin_format,
         composition_temperature=args.composition_temperature,
@@ -612,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--max-new-tokens", type=int, default=24)
     squad.add_argument("--batch", type=int, default=32)
     squad.add_argument("--capacity-paragraphs", type=int, default=12, help="0 skips the gold-question diagnostic")
+    squad.add_argument("--capacity-steps", type=int, default=60, help="the diagnostic's fold-in steps (default 60)")
+    squad.add_argument("--capacity-lr", type=float, default=0.3, help="the diagnostic's fold-in lr (default 0.3)")
     squad.add_argument("--plugin-format", choices=FORMATS, default="float16", help="how the store keeps plugins")
     squad.add_argument(
         "--composition-temperature",

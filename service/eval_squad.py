@@ -98,6 +98,10 @@ class EvalOptions:
     combine_guidance: float | None = None  # None: the service's setting (KPLUG_COMBINE_GUIDANCE)
     combine_plausibility: float | None = None  # None: the service's setting (KPLUG_COMBINE_PLAUSIBILITY)
     capacity_paragraphs: int = 12
+    # The diagnostic's fold-in: 60 steps at lr 0.3 push hard (milestone zero); 5 at 1.0 ask what the method's
+    # budget writes when the examples are the very questions asked.
+    capacity_steps: int = 60
+    capacity_lr: float = 0.3
     runs: Sequence[tuple[Mode, str]] = tuple(DEFAULT_RUNS)
 
 
@@ -222,6 +226,7 @@ class SquadEval:
                 "combine_mix": rt.settings.combine_mix,
                 "combine_guidance": rt.settings.combine_guidance,
                 "combine_plausibility": rt.settings.combine_plausibility,
+                "capacity": {"paragraphs": o.capacity_paragraphs, "steps": o.capacity_steps, "lr": o.capacity_lr},
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },
@@ -301,7 +306,9 @@ class SquadEval:
         """Milestone zero: plugins trained on their own gold questions (frozen U, V) must answer them."""
         rt = self.runtime
         chosen = list(paragraphs[: self.o.capacity_paragraphs])
-        config = FoldInConfig(examples="qa", steps=60, lr=0.3, l2=0.0, max_examples=None)
+        config = FoldInConfig(
+            examples="qa", steps=self.o.capacity_steps, lr=self.o.capacity_lr, l2=0.0, max_examples=None
+        )
         results = rt.engine.call(lambda: fold_in(rt.adapter, rt.base.model, rt.base.tokenizer, chosen, config)).result()
         for doc, res in zip(chosen, results, strict=True):
             rt.store.put(f"capacity:{doc.id}", doc.text, {}, rt.store.embedding(doc.id), res.plugin)

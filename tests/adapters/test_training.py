@@ -90,6 +90,29 @@ def test_normalized_fold_in_lowers_loss_with_one_rms_step_per_document(
     assert longer.loss < longer.initial_loss - 0.05
 
 
+def test_fold_in_in_groups_sums_the_plugins_each_group_writes_alone(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
+) -> None:
+    qas = [QA(str(i), q, (a,)) for i, (q, a) in enumerate([("Who built it?", "Eiffel"), ("When?", "1889")])]
+    config = FoldInConfig(examples="qa", steps=3, lr=0.2, precision="float32", max_examples=None)
+    [grouped] = fold_in(
+        tiny_adapter,
+        tiny.model,
+        tiny.tokenizer,
+        [Document("d", TEXT, questions=qas)],
+        config.model_copy(update={"groups": 2}),
+    )
+    alone = [
+        fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [Document("d", TEXT, questions=[qa])], config)[0]
+        for qa in qas
+    ]
+    assert abs(grouped.plugin - (alone[0].plugin + alone[1].plugin)).max() < 1e-4
+    assert abs(grouped.initial_loss - (alone[0].initial_loss + alone[1].initial_loss) / 2) < 1e-3
+    assert grouped.loss < grouped.initial_loss - 0.05  # the sum holds what each group wrote
+    [ungrouped] = fold_in(tiny_adapter, tiny.model, tiny.tokenizer, [Document("d", TEXT, questions=qas)], config)
+    assert abs(grouped.plugin - ungrouped.plugin).max() > 1e-3
+
+
 def test_fold_in_reports_the_loss_of_the_starting_plugin_as_initial(
     tiny: BaseModel, tiny_adapter: PluginAdapter
 ) -> None:
