@@ -212,6 +212,10 @@ def fact_spans(body: str) -> list[tuple[int, int]]:
     return kept
 
 
+def _fact_wh(span: str) -> str:
+    return "how many" if _NUMBER_WORDS.fullmatch(span) else "when" if _ORDINAL.fullmatch(span) else wh_word(span)
+
+
 def fact_examples(doc: Document) -> list[Example]:
     """One rule-made question per distinct answer-like span of the document (fact_spans), in order, the two
     phrasings of question_examples alternating: more of what SQuAD asks is some span's answer (a lowercase noun
@@ -226,13 +230,30 @@ def fact_examples(doc: Document) -> list[Example]:
             if span.lower() in seen:
                 continue
             seen.add(span.lower())
-            wh = "how many" if _NUMBER_WORDS.fullmatch(span) else "when" if _ORDINAL.fullmatch(span) else wh_word(span)
+            wh = _fact_wh(span)
             if len(out) % 2 == 0:
                 prompt = f"{body[:start]}{wh}{body[end:]}?"
             else:
                 prompt = f"{wh.capitalize()}: {body[:start]}___{body[end:]}?"
             out.append(Example(prompt, span + ANSWER_END))
     return out or cloze_examples(doc)
+
+
+def gold_span_examples(doc: Document) -> list[Example]:
+    """A diagnostic, never the method (it reads the gold answers): for each of the document's questions, the
+    rule-made question of fact_examples for its reference answer's first mention, in-place phrasing. Against the
+    gold questions themselves ("qa") it measures what the rules' phrasing alone costs, at full coverage."""
+    out: list[Example] = []
+    for qa in doc.questions:
+        answer = next((a for a in qa.answers if a), "")
+        for sent in sentences(doc.text) if answer else []:
+            body = sent.rstrip(".!? ")
+            start = body.find(answer)
+            if start >= 0:
+                end = start + len(answer)
+                out.append(Example(f"{body[:start]}{_fact_wh(answer)}{body[end:]}?", answer + ANSWER_END))
+                break
+    return out
 
 
 def _clause(body: str, start: int, min_words: int = 4) -> str:
@@ -314,6 +335,7 @@ EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "cloze": cloze_examples,
     "questions": question_examples,
     "facts": fact_examples,
+    "gold-spans": gold_span_examples,
     "about": about_examples,
     "questions+about": questions_and_about,
 }

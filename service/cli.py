@@ -423,6 +423,7 @@ def cmd_eval_squad(args: argparse.Namespace) -> None:
         capacity_paragraphs=args.capacity_paragraphs,
         capacity_steps=args.capacity_steps,
         capacity_lr=args.capacity_lr,
+        capacity_examples=args.capacity_examples,
         fold_in=_fold_in_config(args),
         plugin_format=args.plugin_format,
         composition_temperature=args.composition_temperature,
@@ -623,6 +624,12 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--capacity-paragraphs", type=int, default=12, help="0 skips the gold-question diagnostic")
     squad.add_argument("--capacity-steps", type=int, default=60, help="the diagnostic's fold-in steps (default 60)")
     squad.add_argument("--capacity-lr", type=float, default=0.3, help="the diagnostic's fold-in lr (default 0.3)")
+    squad.add_argument(
+        "--capacity-examples",
+        choices=["qa", "gold-spans"],
+        default="qa",
+        help="the diagnostic's examples: the gold questions, or rule-made questions for the gold answers (default qa)",
+    )
     squad.add_argument("--plugin-format", choices=FORMATS, default="float16", help="how the store keeps plugins")
     squad.add_argument(
         "--composition-temperature",

@@ -102,6 +102,7 @@ class EvalOptions:
     # budget writes when the examples are the very questions asked.
     capacity_steps: int = 60
     capacity_lr: float = 0.3
+    capacity_examples: str = "qa"  # the gold questions; "gold-spans": rule-made questions for the gold answers
     runs: Sequence[tuple[Mode, str]] = tuple(DEFAULT_RUNS)
 
 
@@ -226,7 +227,12 @@ class SquadEval:
                 "combine_mix": rt.settings.combine_mix,
                 "combine_guidance": rt.settings.combine_guidance,
                 "combine_plausibility": rt.settings.combine_plausibility,
-                "capacity": {"paragraphs": o.capacity_paragraphs, "steps": o.capacity_steps, "lr": o.capacity_lr},
+                "capacity": {
+                    "paragraphs": o.capacity_paragraphs,
+                    "steps": o.capacity_steps,
+                    "lr": o.capacity_lr,
+                    "examples": o.capacity_examples,
+                },
                 "model": rt.base.identity.name,
                 "latency_note": f"per request, decoded in batches of up to {o.batch}",
             },
@@ -307,7 +313,11 @@ class SquadEval:
         rt = self.runtime
         chosen = list(paragraphs[: self.o.capacity_paragraphs])
         config = FoldInConfig(
-            examples="qa", steps=self.o.capacity_steps, lr=self.o.capacity_lr, l2=0.0, max_examples=None
+            examples=self.o.capacity_examples,
+            steps=self.o.capacity_steps,
+            lr=self.o.capacity_lr,
+            l2=0.0,
+            max_examples=None,
         )
         results = rt.engine.call(lambda: fold_in(rt.adapter, rt.base.model, rt.base.tokenizer, chosen, config)).result()
         for doc, res in zip(chosen, results, strict=True):

@@ -69,3 +69,18 @@ def test_fact_examples_ask_each_answer_like_span_once_in_alternating_phrasings()
     body = "the plague reduced the world population quickly by an estimated 450 million"
     chunks = [body[s:e] for s, e in noun_chunks(body)]
     assert chunks == ["plague", "world population"]
+
+
+def test_gold_span_examples_ask_the_rules_question_for_each_gold_answer() -> None:
+    from adapters.corpus import QA
+    from adapters.examples import EXAMPLE_BUILDERS
+
+    qas = [
+        QA("q1", "Who designed the tower?", ("Gustave Eiffel",)),
+        QA("q2", "When was it finished?", ("1889",)),
+        QA("q3", "What is not in the text?", ("the Louvre",)),  # no sentence holds it: no example
+    ]
+    made = EXAMPLE_BUILDERS["gold-spans"](Document("d", TEXT, questions=qas))
+    assert [e.target for e in made] == ["Gustave Eiffel" + ANSWER_END, "1889" + ANSWER_END]
+    assert made[0].prompt == "The tower, designed by what, was completed in 1889 for the World Fair?"
+    assert made[1].prompt == "The tower, designed by Gustave Eiffel, was completed in when for the World Fair?"

@@ -102,7 +102,7 @@ def test_eval_squad_reports_every_run(tmp_path: Path, monkeypatch: pytest.Monkey
     report = eval_squad(options, tmp_path / "out" / "squad.json")
     expected = {f"{m}/{r}" for m, r in RUNS} | {"capacity/oracle", "none/capacity-subset"}
     assert set(report["results"]) == expected
-    assert report["config"]["capacity"] == {"paragraphs": 2, "steps": 60, "lr": 0.3}
+    assert report["config"]["capacity"] == {"paragraphs": 2, "steps": 60, "lr": 0.3, "examples": "qa"}
     for key, row in report["results"].items():
         assert set(row) == {"contained", "em", "f1", "context_tokens", "latency_ms", "n"}, key
         assert 0 <= row["contained"] <= 1 and row["n"] > 0
