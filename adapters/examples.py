@@ -243,16 +243,15 @@ def gold_span_examples(doc: Document) -> list[Example]:
     """A diagnostic, never the method (it reads the gold answers): for each of the document's questions, the
     rule-made question of fact_examples for its reference answer's first mention, in-place phrasing. Against the
     gold questions themselves ("qa") it measures what the rules' phrasing alone costs, at full coverage."""
+    bodies = [sent.rstrip(".!? ") for sent in sentences(doc.text)]
     out: list[Example] = []
     for qa in doc.questions:
         answer = next((a for a in qa.answers if a), "")
-        for sent in sentences(doc.text) if answer else []:
-            body = sent.rstrip(".!? ")
-            start = body.find(answer)
-            if start >= 0:
-                end = start + len(answer)
-                out.append(Example(f"{body[:start]}{_fact_wh(answer)}{body[end:]}?", answer + ANSWER_END))
-                break
+        body = next((b for b in bodies if answer and answer in b), None)
+        if body is not None:
+            start = body.index(answer)
+            end = start + len(answer)
+            out.append(Example(f"{body[:start]}{_fact_wh(answer)}{body[end:]}?", answer + ANSWER_END))
     return out
 
 

@@ -375,7 +375,8 @@ def fold_in(
         cache = _PrefixCache(model, examples, adapter.lowest_layer)
     device = model_device(model)
     doc_of_example = torch.tensor([e.doc for e in examples], device=device)
-    counts = torch.bincount(doc_of_example, minlength=len(per_row)).clamp(min=1)  # (N * g,)
+    n = torch.bincount(doc_of_example, minlength=len(per_row))  # (N * g,) examples per row; a row may have none
+    counts = n.clamp(min=1)
     # Micro-batches of similar length, padded once: one full batch of every example is several GB of
     # activations, and allocating it each step cost more time (page faults) than the arithmetic.
     order = _by_length(examples)
@@ -417,10 +418,10 @@ def fold_in(
             else:
                 normalized_step(x, config.lr)
     summed = x.detach().unflatten(0, (len(texts), g)).sum(1)  # (N, M, r)
-    n = torch.bincount(doc_of_example, minlength=len(per_row)).float().view(len(texts), g)
+    per_doc_n = n.float().view(len(texts), g)
 
     def by_doc(loss: Tensor) -> Tensor:  # (N * g,) row means -> (N,) means over each document's examples
-        return (loss.view(len(texts), g) * n).sum(1) / n.sum(1).clamp(min=1)
+        return (loss.view(len(texts), g) * per_doc_n).sum(1) / per_doc_n.sum(1).clamp(min=1)
 
     with torch.no_grad():  # every row's examples under its document's summed plugin, as a query will read them
         final = by_doc(per_doc_loss(summed.repeat_interleave(g, dim=0)))
