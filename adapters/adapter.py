@@ -27,6 +27,7 @@ from adapters.encoder import EncoderConfig, PluginEncoder
 from adapters.errors import CheckpointError
 from adapters.plugin import low_rank_delta, subspace
 from adapters.qgen import QuestionWriter
+from adapters.spans import SpanSelector
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter.json"
@@ -282,10 +283,12 @@ class PluginAdapter(nn.Module):
                 )
         adapter.checkpoint_id = checkpoint_id(folder)
         adapter.writer = QuestionWriter.load(folder, base.model)
+        adapter.selector = SpanSelector.load(folder, base.model)
         return adapter
 
     checkpoint_id: str | None = None
     writer: QuestionWriter | None = None  # fold-in's question writer, when the checkpoint folder has one
+    selector: SpanSelector | None = None  # fold-in's span selector, likewise
 
 
 def read_checkpoint_meta(folder: Path) -> dict[str, Any]:

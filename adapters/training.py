@@ -47,6 +47,7 @@ from adapters.generation import greedy_generate
 from adapters.plugin import retrieval_weights
 from adapters.prompts import chat_prompt
 from adapters.qgen import QuestionWriter, training_pairs, written_examples
+from adapters.spans import selected_examples
 
 log = logging.getLogger(__name__)
 Precision = Literal["auto", "float32", "bfloat16"]  # of the steps' matrix products; see step_precision
@@ -68,6 +69,7 @@ class FoldInConfig(Schema):
     distill: float = Field(0.0, ge=0)  # weight of context distillation (adapters.distill); 0: answer NLL alone
     self_study: int = Field(0, ge=0)  # examples per document written by the model reading it (adapters.distill)
     written: int = Field(0, ge=0)  # questions per document asked by the adapter's question writer (adapters.qgen)
+    selected: int = Field(0, ge=0)  # questions per document for the spans the adapter's span selector ranks highest
     max_examples: int | None = Field(16, ge=1)  # per document, all sources; None: all the builder makes
     # The steps' matrix products: bfloat16 autocast (x, its optimiser and the losses stay float32) halves fold-in on
     # a CPU with bfloat16 instructions and moves plugins by about 1% (README, "Fold-in in bfloat16").
@@ -321,16 +323,20 @@ def fold_in_examples(
     docs: Sequence[Document],
     config: FoldInConfig,
 ) -> list[list[Example]]:
-    """Each document's training examples: its self-study examples and written questions first, then the builder's,
-    spread over the document to fill the rest of max_examples."""
+    """Each document's training examples: its self-study examples, written questions and selected spans' questions
+    first, then the builder's, spread over the document to fill the rest of max_examples."""
     if config.written and adapter.writer is None:
         raise InvalidInputError("fold-in asks for written questions but the adapter has no question writer")
+    if config.selected and adapter.selector is None:
+        raise InvalidInputError("fold-in asks for selected spans but the adapter has no span selector")
     out = []
     for doc, made in zip(docs, build_examples(config.examples, docs), strict=True):
         n = config.self_study
         first = self_study_examples(adapter, model, tokenizer, doc.text, n) if n else []
         if config.written and adapter.writer is not None:
             first += written_examples(adapter.writer, model, tokenizer, doc.text, config.written, adapter)
+        if config.selected and adapter.selector is not None:
+            first += selected_examples(adapter.selector, model, tokenizer, doc.text, config.selected, adapter)
         room = None if config.max_examples is None else max(0, config.max_examples - len(first))
         out.append(first + spread(made, room))
     return out

@@ -148,6 +148,20 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(f"adapter {ckpt} written to {args.out} ({report.steps} steps, {report.seconds:.0f} s)")
 
 
+def cmd_fit_selector(args: argparse.Namespace) -> None:
+    from adapters.adapter import read_checkpoint_meta
+    from adapters.base_model import load_base_model
+    from adapters.corpus import load_corpus, parse_range
+    from adapters.spans import fit_selector
+
+    read_checkpoint_meta(args.adapter)  # the selector lives beside an adapter: refuse a folder without one
+    base = load_base_model(args.model)
+    docs = load_corpus(args.data, parse_range(args.articles))
+    selector, loss = fit_selector(base.model, base.tokenizer, docs, seed=args.seed)
+    selector.save(args.adapter)
+    print(f"span selector written to {args.adapter} ({len(docs)} documents, loss {loss:.3f})")
+
+
 def cmd_fit_writer(args: argparse.Namespace) -> None:
     from adapters.adapter import read_checkpoint_meta
     from adapters.base_model import load_base_model
@@ -323,6 +337,12 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         help="questions per document from the adapter's question writer (default 0)",
     )
     parser.add_argument(
+        "--fold-in-selected",
+        type=int,
+        default=0,
+        help="questions per document for the spans the adapter's span selector ranks highest (default 0)",
+    )
+    parser.add_argument(
         "--fold-in-precision",
         choices=PRECISIONS,
         default="auto",
@@ -357,6 +377,7 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         distill=args.fold_in_distill,
         self_study=args.fold_in_self_study,
         written=args.fold_in_written,
+        selected=args.fold_in_selected,
         max_examples=args.fold_in_max_examples,
         precision=args.fold_in_precision,
         compile=args.fold_in_compile,
@@ -556,6 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
     writer.add_argument("--lr", type=float, default=2e-3)
     writer.add_argument("--seed", type=int, default=0)
     writer.set_defaults(func=cmd_fit_writer)
+
+    selector = sub.add_parser("fit-selector", help="fit fold-in's span selector on a SQuAD corpus's gold answers")
+    selector.add_argument("--data", type=Path, default=SHARED_SQUAD)
+    selector.add_argument("--articles", default="0-19", help="SQuAD articles whose answers it learns from")
+    selector.add_argument("--adapter", type=Path, required=True, help="the adapter folder it is saved beside")
+    selector.add_argument("--model", default="smollm2")
+    selector.add_argument("--seed", type=int, default=0)
+    selector.set_defaults(func=cmd_fit_selector)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=None, help="store, index and adapter (KPLUG_DATA_DIR)")

@@ -31,9 +31,9 @@ import numpy as np
 from adapters.adapter import read_checkpoint_meta
 from adapters.corpus import QA, Document, load_squad
 from adapters.errors import InvalidInputError
-from adapters.examples import answer_targets, covers, spread
+from adapters.examples import answer_targets, covers
 from adapters.metrics import contained, exact_match, f1, normalize_answer
-from adapters.training import FoldInConfig, build_examples, fold_in, fold_in_steps, resolved_precision
+from adapters.training import FoldInConfig, fold_in, fold_in_examples, fold_in_steps, resolved_precision
 from index.codec import PluginFormat
 from service.metrics import Metrics
 from service.protocol import Mode
@@ -380,17 +380,19 @@ class SquadEval:
         self, paragraphs: Sequence[Document], questions: Sequence[Question], outputs: dict[str, list[str]]
     ) -> dict[str, Any]:
         """Is fold-in limited by what its examples ask or by how far plugins generalise? The share of questions whose
-        reference answer is contained in the target of one of its paragraph's made examples (the builder's, as
-        fold-in spreads them; written and self-study examples not counted), and plugins/oracle's contained rate on
-        both parts. Contained, as the metric: a clause target holding the answer covers it. And how often plugins
-        answer with another of the paragraph's targets (misrouted): facts held but given to the wrong question."""
+        reference answer is contained in the target of one of its paragraph's made examples (the selected spans' and
+        the builder's, as fold-in spreads them; written and self-study examples not counted), and plugins/oracle's
+        contained rate on both parts. Contained, as the metric: a clause target holding the answer covers it. And how
+        often plugins answer with another of the paragraph's targets (misrouted): facts held but given to the wrong
+        question."""
         fold = self.runtime.settings.fold_in
         if fold_in_steps(self.runtime.adapter, fold) == 0:
             return {}
-        targets = {
-            doc.id: answer_targets(spread(made, fold.max_examples))
-            for doc, made in zip(paragraphs, build_examples(fold.examples, paragraphs), strict=True)
-        }
+        rt, made = self.runtime, fold.model_copy(update={"self_study": 0, "written": 0})
+        examples = rt.engine.call(
+            lambda: fold_in_examples(rt.adapter, rt.base.model, rt.base.tokenizer, paragraphs, made)
+        )
+        targets = {doc.id: answer_targets(exs) for doc, exs in zip(paragraphs, examples.result(), strict=True)}
         covered = np.array([covers(targets[q.doc.id], q.qa.answers) for q in questions])
         out: dict[str, Any] = {"examples": fold.examples, "questions_covered": float(covered.mean())}
         if "plugins/oracle" in outputs:
@@ -511,7 +513,8 @@ def _fold_in_method(cfg: dict[str, Any]) -> str:
     fold, steps, encoder = cfg["fold_in"], cfg["fold_in_steps"], cfg["adapter_config"]["encoder"] is not None
     if steps == 0:
         return "encoder only"
-    sources = [f"{fold[k]} {name}" for k, name in (("self_study", "self-study"), ("written", "written")) if fold.get(k)]
+    names = (("self_study", "self-study"), ("written", "written"), ("selected", "selected-span"))
+    sources = [f"{fold[k]} {name}" for k, name in names if fold.get(k)]
     made = " + ".join([*sources, fold["examples"]])
     distill = f" + context distillation x{fold['distill']}" if fold.get("distill") else ""
     precision = f", {cfg['fold_in_precision']}" if cfg.get("fold_in_precision") == "bfloat16" else ""

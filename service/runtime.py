@@ -14,7 +14,7 @@ import torch
 
 from adapters.adapter import PluginAdapter
 from adapters.base_model import BaseModel, load_base_model
-from adapters.errors import KplugError
+from adapters.errors import CheckpointError, KplugError
 from adapters.plugin import compose, retrieval_weights
 from adapters.prompts import chat_prompt, user_message
 from adapters.training import fold_in, fold_in_steps
@@ -103,6 +103,11 @@ class Runtime:
         s = self.settings
         self.base = load_base_model(s.model, s.cache_dir)
         self.adapter = PluginAdapter.load(s.adapter_dir(), self.base)
+        # refuse at start what every registration would fail on
+        if s.fold_in.written and self.adapter.writer is None:
+            raise CheckpointError(f"fold-in asks for written questions but {s.adapter_dir()} has no question writer")
+        if s.fold_in.selected and self.adapter.selector is None:
+            raise CheckpointError(f"fold-in asks for selected spans but {s.adapter_dir()} has no span selector")
         self.embedder = Embedder(s.embedder)
 
     def _warm_up_fold_in(self) -> None:

@@ -544,3 +544,33 @@ def test_combine_readers_reach_combine_requests_only_and_are_recorded(
         SquadEval(_options(tmp_path, combine_guidance=1.0, combine_plausibility=1.5), tmp_path / "work")
     with pytest.raises(ValidationError):  # no bare reader to cut off by
         SquadEval(_options(tmp_path, combine_plausibility=0.1), tmp_path / "work")
+
+
+def test_fit_selector_saves_a_selector_beside_the_adapter_that_eval_folds_in_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from adapters.spans import WEIGHTS_FILE
+    from service.cli import main
+
+    _squad(tmp_path / "squad.json")
+    selector = ["fit-selector", "--data", str(tmp_path / "squad.json"), "--articles", "0-1", "--model", "tiny"]
+    assert main([*selector, "--adapter", str(tmp_path / "a")]) == 2  # no adapter there to sit beside
+    assert "no adapter checkpoint" in capsys.readouterr().err
+    fit = ["fit", "--data", str(tmp_path / "squad.json"), "--articles", "0-1", "--model", "tiny", "--rank", "4",
+           "--layers", "0-1", "--no-encoder", "--epochs", "1", "--batch-size", "2",
+           "--out", str(tmp_path / "a")]  # fmt: skip
+    assert main(fit) == 0
+    evaluate = ["eval", "squad", "--data", str(tmp_path / "squad.json"), "--model", "tiny", "--adapter",
+                str(tmp_path / "a"), "--out", str(tmp_path / "r.json"), "--fit-articles", "0-1", "--eval-articles",
+                "2-3", "--runs", "plugins/oracle", "--capacity-paragraphs", "0", "--fold-in-steps", "1",
+                "--max-new-tokens", "2", "--fold-in-selected", "1", "--fold-in-max-examples", "1"]  # fmt: skip
+    assert main(evaluate) == 2
+    assert "has no span selector" in capsys.readouterr().err
+    assert main([*selector, "--adapter", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / WEIGHTS_FILE).exists()
+    assert main(evaluate) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["fold_in"]["selected"] == 1
+    # the selector asks about one span a paragraph, the year its question wants in every fitting paragraph
+    assert report["coverage"]["questions_covered"] == 1.0
+    assert "1 selected-span + questions" in (tmp_path / "r.md").read_text()
