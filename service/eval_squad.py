@@ -394,7 +394,8 @@ class SquadEval:
         )
         targets = {doc.id: answer_targets(exs) for doc, exs in zip(paragraphs, examples.result(), strict=True)}
         covered = np.array([covers(targets[q.doc.id], q.qa.answers) for q in questions])
-        out: dict[str, Any] = {"examples": fold.examples, "questions_covered": float(covered.mean())}
+        made_by = (f"{fold.selected} selected-span + " if fold.selected else "") + fold.examples
+        out: dict[str, Any] = {"examples": made_by, "questions_covered": float(covered.mean())}
         if "plugins/oracle" in outputs:
             got = _per_question(contained, outputs["plugins/oracle"], questions)
             for name, part in (("covered", covered), ("uncovered", ~covered)):
