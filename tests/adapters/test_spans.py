@@ -3,7 +3,6 @@ spans hold answers, saved beside the adapter and asked by fold-in for its first 
 
 from __future__ import annotations
 
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -33,19 +32,13 @@ def _docs(n: int) -> list[Document]:
     ]
 
 
-def test_candidates_are_runs_of_words_without_function_words_at_their_ends_located_in_the_text() -> None:
+def test_candidates_are_distinct_first_mentions_located_in_the_text() -> None:
     cands = candidates(TEXT)
-    spans = [c.span for c in cands]
-    assert spans[:6] == ["old", "old tower", "old tower in Lyon", "tower", "tower in Lyon", "Lyon"]
-    assert "1889 by local builders" in spans and "in 1889" not in spans and "The old" not in spans
-    assert len(spans) == len({s.lower() for s in spans})  # first mentions only: "tower in Lyon" once
-    assert max(len(s.split()) for s in spans) == 4
+    assert [c.span for c in cands] == ["old tower", "Lyon", "1889", "local builders", "tower", "1901"]
     for c in cands:
-        lo, hi = c.chars
-        assert TEXT[lo:hi] == c.span
-    assert {c.sentence for c in cands if c.span == "1901"} == {1}
-    [year] = [c for c in cands if c.span == "1889"]
-    assert year.question() == Example(
+        assert TEXT[c.offset + c.start : c.offset + c.end] == c.span
+    assert [c.sentence for c in cands] == [0, 0, 0, 0, 1, 1]
+    assert cands[2].question() == Example(
         "The old tower in Lyon was finished in when by local builders?", "1889" + ANSWER_END
     )
 
@@ -57,7 +50,7 @@ def test_features_come_from_the_bare_model_with_an_adapter_attached(
     attached = features(tiny.model, tiny.tokenizer, TEXT, cands, tiny_adapter)
     bare_model = tiny_model(seed=0)  # the same weights, no adapter
     bare = features(bare_model.model, bare_model.tokenizer, TEXT, cands)
-    assert attached.shape == (len(cands), 4 * tiny.model.config.hidden_size + 9)
+    assert attached.shape == (len(cands), tiny.model.config.hidden_size + 9)
     assert torch.allclose(attached, bare, atol=1e-5)
     with tiny_adapter.use(None):  # the adapter's shared term is on outside a gate: the states differ
         shared = tiny.model(**tiny.tokenizer(TEXT, return_tensors="pt"), output_hidden_states=True)
@@ -65,25 +58,19 @@ def test_features_come_from_the_bare_model_with_an_adapter_attached(
     assert not torch.allclose(shared.hidden_states[-1], plain.hidden_states[-1], atol=1e-4)
 
 
-def test_a_fitted_selector_ranks_the_asked_kind_of_span_first_and_never_picks_overlapping_spans(
-    tiny: BaseModel,
-) -> None:
+def test_a_fitted_selector_ranks_the_asked_kind_of_span_first(tiny: BaseModel) -> None:
     selector, loss = fit_selector(tiny.model, tiny.tokenizer, _docs(12), steps=200, lr=0.05)
     assert loss < 0.3
     held_out = "The bridge of Turin was opened in 1777 by the old guild of masons."
     [best] = selector.select(tiny.model, tiny.tokenizer, held_out, 1)
     assert best.span == "1777"
-    chosen = selector.select(tiny.model, tiny.tokenizer, held_out, 50)
-    assert 1 < len(chosen) < len(candidates(held_out))  # every candidate overlaps some chosen one
-    ranges = [c.chars for c in chosen]
-    assert ranges == sorted(ranges) and all(b <= a2 for (_, b), (a2, _) in pairwise(ranges))
     examples = selected_examples(selector, tiny.model, tiny.tokenizer, held_out, 2)
     assert (
         len(examples) == 2
         and Example("The bridge of Turin was opened in when by the old guild of masons?", "1777" + ANSWER_END)
         in examples
     )
-    assert selector.select(tiny.model, tiny.tokenizer, "the of and in", 3) == []
+    assert selector.select(tiny.model, tiny.tokenizer, "no spans here at all", 3) == []
     with pytest.raises(ValueError, match="no document with questions"):
         fit_selector(tiny.model, tiny.tokenizer, [Document("x", held_out)])
 
