@@ -212,8 +212,13 @@ def fact_spans(body: str) -> list[tuple[int, int]]:
     return kept
 
 
-def _fact_wh(span: str) -> str:
+def fact_wh(span: str) -> str:
     return "how many" if _NUMBER_WORDS.fullmatch(span) else "when" if _ORDINAL.fullmatch(span) else wh_word(span)
+
+
+def in_place_question(body: str, start: int, end: int) -> Example:
+    """The sentence body asked back with its span start:end replaced by a question word; the span is the answer."""
+    return Example(f"{body[:start]}{fact_wh(body[start:end])}{body[end:]}?", body[start:end] + ANSWER_END)
 
 
 def fact_examples(doc: Document) -> list[Example]:
@@ -230,12 +235,11 @@ def fact_examples(doc: Document) -> list[Example]:
             if span.lower() in seen:
                 continue
             seen.add(span.lower())
-            wh = _fact_wh(span)
             if len(out) % 2 == 0:
-                prompt = f"{body[:start]}{wh}{body[end:]}?"
+                out.append(in_place_question(body, start, end))
             else:
-                prompt = f"{wh.capitalize()}: {body[:start]}___{body[end:]}?"
-            out.append(Example(prompt, span + ANSWER_END))
+                prompt = f"{fact_wh(span).capitalize()}: {body[:start]}___{body[end:]}?"
+                out.append(Example(prompt, span + ANSWER_END))
     return out or cloze_examples(doc)
 
 
@@ -250,8 +254,7 @@ def gold_span_examples(doc: Document) -> list[Example]:
         body = next((b for b in bodies if answer and answer in b), None)
         if body is not None:
             start = body.index(answer)
-            end = start + len(answer)
-            out.append(Example(f"{body[:start]}{_fact_wh(answer)}{body[end:]}?", answer + ANSWER_END))
+            out.append(in_place_question(body, start, start + len(answer)))
     return out
 
 

@@ -10,6 +10,7 @@ weights live beside the adapter's, as the question writer's do.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.corpus import Document
 from adapters.errors import CheckpointError
-from adapters.examples import ANSWER_END, Example, _fact_wh, cloze_spans, fact_spans, sentences
+from adapters.examples import Example, cloze_spans, fact_spans, fact_wh, in_place_question, sentences
 from adapters.forward import CausalLM
 from adapters.metrics import contained
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "spans.safetensors"
 LAYER = 16  # of SmolLM2's 30: on articles 20-23, top 8 spans held 0.44 of the answers, layer 8 0.39, layer 30 0.41
 MAX_TOKENS = 2048  # spans past this many tokens of a long document are not candidates
+SHAPE = 9  # shape features (shape_features)
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,7 @@ class Candidate:
 
     def question(self) -> Example:
         """The rule-made question of examples.fact_examples (in-place phrasing) with the span as its answer."""
-        wh = _fact_wh(self.span)
-        return Example(f"{self.body[: self.start]}{wh}{self.body[self.end :]}?", self.span + ANSWER_END)
+        return in_place_question(self.body, self.start, self.end)
 
 
 def candidates(text: str) -> list[Candidate]:
@@ -74,7 +75,7 @@ def candidates(text: str) -> list[Candidate]:
 def shape_features(text: str, c: Candidate) -> list[float]:
     span = c.span
     return [
-        float(_fact_wh(span) == "when"),
+        float(fact_wh(span) == "when"),
         float(span[:1].isdigit()),
         float(c.entity),
         float(span[:1].isupper()),
@@ -98,19 +99,16 @@ def features(
     enc = tokenizer(text, return_offsets_mapping=True, return_tensors="pt", truncation=True, max_length=MAX_TOKENS)
     offsets = enc.pop("offset_mapping")[0]  # (T, 2) character range of each token
     layer = min(LAYER, len(model.model.layers))
-    with torch.no_grad():
-        if adapter is None:
-            hidden = model(**enc.to(model.device), output_hidden_states=True).hidden_states[layer][0].float()
-        else:
-            with adapter.use(None, gate=torch.zeros(1, device=model.device)):
-                hidden = model(**enc.to(model.device), output_hidden_states=True).hidden_states[layer][0].float()
+    bare = nullcontext() if adapter is None else adapter.use(None, gate=torch.zeros(1, device=model.device))
+    with torch.no_grad(), bare:
+        hidden = model(**enc.to(model.device), output_hidden_states=True).hidden_states[layer][0].float()
     rows = []
     for c in cands:
         lo, hi = c.offset + c.start, c.offset + c.end
         mask = ((offsets[:, 1] > lo) & (offsets[:, 0] < hi)).to(hidden.device)
         state = hidden[mask].mean(0) if mask.any() else hidden.new_zeros(hidden.shape[-1])
         rows.append(torch.cat([state.cpu(), torch.tensor(shape_features(text, c))]))
-    return torch.stack(rows) if rows else torch.zeros(0, hidden.shape[-1] + 9)
+    return torch.stack(rows) if rows else torch.zeros(0, hidden.shape[-1] + SHAPE)
 
 
 class SpanSelector:
@@ -151,7 +149,7 @@ class SpanSelector:
         if not path.exists():
             return None
         t = load_file(str(path))
-        width = model.config.hidden_size + 9
+        width = model.config.hidden_size + SHAPE
         if any(t.get(k, torch.zeros(0)).shape != (width,) for k in ("weight", "mean", "std")):
             raise CheckpointError(f"{path} does not fit this model's span selector (expected {width} features)")
         return cls(t["weight"], t["bias"], t["mean"], t["std"])

@@ -19,6 +19,8 @@ from index.codec import FORMATS
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 if TYPE_CHECKING:
+    from adapters.base_model import BaseModel
+    from adapters.corpus import Document
     from adapters.training import FoldInConfig
 
 log = logging.getLogger("kplug")
@@ -148,29 +150,45 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(f"adapter {ckpt} written to {args.out} ({report.steps} steps, {report.seconds:.0f} s)")
 
 
-def cmd_fit_selector(args: argparse.Namespace) -> None:
+def _beside_adapter(
+    sub: Any, name: str, what: str, learns: str, func: Callable[[argparse.Namespace], None]
+) -> argparse.ArgumentParser:
+    """A command that fits one of fold-in's helpers on a SQuAD corpus and saves it beside an adapter."""
+    help_text = f"fit fold-in's {what} on a SQuAD corpus's gold {learns}"
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+    parser.add_argument("--data", type=Path, default=SHARED_SQUAD)
+    parser.add_argument("--articles", default="0-19", help=f"SQuAD articles whose {learns} it learns from")
+    parser.add_argument("--adapter", type=Path, required=True, help="the adapter folder it is saved beside")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _fitting_corpus(args: argparse.Namespace) -> tuple[BaseModel, list[Document]]:
+    """The base model and the corpus for a helper saved beside args.adapter; a folder without an adapter is refused
+    before anything loads."""
     from adapters.adapter import read_checkpoint_meta
     from adapters.base_model import load_base_model
     from adapters.corpus import load_corpus, parse_range
+
+    read_checkpoint_meta(args.adapter)
+    return load_base_model(args.model), load_corpus(args.data, parse_range(args.articles))
+
+
+def cmd_fit_selector(args: argparse.Namespace) -> None:
     from adapters.spans import fit_selector
 
-    read_checkpoint_meta(args.adapter)  # the selector lives beside an adapter: refuse a folder without one
-    base = load_base_model(args.model)
-    docs = load_corpus(args.data, parse_range(args.articles))
+    base, docs = _fitting_corpus(args)
     selector, loss = fit_selector(base.model, base.tokenizer, docs, seed=args.seed)
     selector.save(args.adapter)
     print(f"span selector written to {args.adapter} ({len(docs)} documents, loss {loss:.3f})")
 
 
 def cmd_fit_writer(args: argparse.Namespace) -> None:
-    from adapters.adapter import read_checkpoint_meta
-    from adapters.base_model import load_base_model
-    from adapters.corpus import load_corpus, parse_range
     from adapters.training import fit_writer
 
-    read_checkpoint_meta(args.adapter)  # the writer lives beside an adapter: refuse a folder without one
-    base = load_base_model(args.model)
-    docs = load_corpus(args.data, parse_range(args.articles))
+    base, docs = _fitting_corpus(args)
     writer, losses = fit_writer(base.model, base.tokenizer, docs, args.steps, lr=args.lr, seed=args.seed)
     writer.save(args.adapter)
     tail = losses[-20:]
@@ -568,23 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda where there is one, else cpu")
     fit.set_defaults(func=cmd_fit)
 
-    writer = sub.add_parser("fit-writer", help="fit fold-in's question writer on a SQuAD corpus's gold questions")
-    writer.add_argument("--data", type=Path, default=SHARED_SQUAD)
-    writer.add_argument("--articles", default="0-19", help="SQuAD articles whose questions it learns from")
-    writer.add_argument("--adapter", type=Path, required=True, help="the adapter folder it is saved beside")
-    writer.add_argument("--model", default="smollm2")
+    writer = _beside_adapter(sub, "fit-writer", "question writer", "questions", cmd_fit_writer)
     writer.add_argument("--steps", type=int, default=120)
     writer.add_argument("--lr", type=float, default=2e-3)
-    writer.add_argument("--seed", type=int, default=0)
-    writer.set_defaults(func=cmd_fit_writer)
-
-    selector = sub.add_parser("fit-selector", help="fit fold-in's span selector on a SQuAD corpus's gold answers")
-    selector.add_argument("--data", type=Path, default=SHARED_SQUAD)
-    selector.add_argument("--articles", default="0-19", help="SQuAD articles whose answers it learns from")
-    selector.add_argument("--adapter", type=Path, required=True, help="the adapter folder it is saved beside")
-    selector.add_argument("--model", default="smollm2")
-    selector.add_argument("--seed", type=int, default=0)
-    selector.set_defaults(func=cmd_fit_selector)
+    _beside_adapter(sub, "fit-selector", "span selector", "answers", cmd_fit_selector)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", type=Path, default=None, help="store, index and adapter (KPLUG_DATA_DIR)")
