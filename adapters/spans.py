@@ -9,6 +9,7 @@ weights live beside the adapter's, as the question writer's do.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -49,9 +50,17 @@ class Candidate:
     def span(self) -> str:
         return self.body[self.start : self.end]
 
-    def question(self) -> Example:
-        """The rule-made question of examples.fact_examples (in-place phrasing) with the span as its answer."""
-        return in_place_question(self.body, self.start, self.end)
+    def question(self, window: int = 0) -> Example:
+        """The rule-made question of examples.fact_examples (in-place phrasing) with the span as its answer; with a
+        window, only that many words of the sentence each side of the span."""
+        if not window:
+            return in_place_question(self.body, self.start, self.end)
+        before = [m.start() for m in re.finditer(r"\S+", self.body[: self.start])]
+        after = [self.end + m.end() for m in re.finditer(r"\S+", self.body[self.end :])]
+        lo = before[-window] if len(before) > window else 0
+        hi = after[window - 1] if len(after) > window else len(self.body)
+        body = self.body[lo:hi].rstrip(",;: ")
+        return in_place_question(body, self.start - lo, self.end - lo)
 
 
 def candidates(text: str) -> list[Candidate]:
@@ -162,9 +171,10 @@ def selected_examples(
     text: str,
     n: int,
     adapter: PluginAdapter | None = None,
+    window: int = 0,
 ) -> list[Example]:
-    """One rule-made question for each of the n spans the selector ranks highest."""
-    return [c.question() for c in selector.select(model, tokenizer, text, n, adapter)]
+    """One rule-made question for each of the n spans the selector ranks highest (Candidate.question's window)."""
+    return [c.question(window) for c in selector.select(model, tokenizer, text, n, adapter)]
 
 
 def fit_selector(

@@ -70,6 +70,8 @@ class FoldInConfig(Schema):
     self_study: int = Field(0, ge=0)  # examples per document written by the model reading it (adapters.distill)
     written: int = Field(0, ge=0)  # questions per document asked by the adapter's question writer (adapters.qgen)
     selected: int = Field(0, ge=0)  # questions per document for the spans the adapter's span selector ranks highest
+    # their questions keep this many words each side of the span (0: the whole sentence)
+    selected_window: int = Field(0, ge=0)
     max_examples: int | None = Field(16, ge=1)  # per document, all sources; None: all the builder makes
     # The steps' matrix products: bfloat16 autocast (x, its optimiser and the losses stay float32) halves fold-in on
     # a CPU with bfloat16 instructions and moves plugins by about 1% (README, "Fold-in in bfloat16").
@@ -105,6 +107,8 @@ class FitConfig(Schema):
     store_examples: int | None = Field(16, ge=1)  # per document, spread over it as fold-in does
     # of those, questions asked by the adapter's question writer (as fold-in's `written`), the builder's the rest
     store_written: int = Field(0, ge=0)
+    # and of those, questions about the spans the adapter's span selector picks (as fold-in's `selected`)
+    store_selected: int = Field(0, ge=0)
     # Closed-book examples only where one of the document's store examples holds their answer (contained): U, V then
     # learn to read what x can hold, not to guess answers no store example wrote. Reading examples are all kept.
     store_covered: bool = False
@@ -336,7 +340,9 @@ def fold_in_examples(
         if config.written and adapter.writer is not None:
             first += written_examples(adapter.writer, model, tokenizer, doc.text, config.written, adapter)
         if config.selected and adapter.selector is not None:
-            first += selected_examples(adapter.selector, model, tokenizer, doc.text, config.selected, adapter)
+            first += selected_examples(
+                adapter.selector, model, tokenizer, doc.text, config.selected, adapter, config.selected_window
+            )
         room = None if config.max_examples is None else max(0, config.max_examples - len(first))
         out.append(first + spread(made, room))
     return out
@@ -584,6 +590,7 @@ def _store_fold_in(config: FitConfig, **more: object) -> FoldInConfig:
     return FoldInConfig(
         examples=config.store,
         written=config.store_written,
+        selected=config.store_selected,
         max_examples=config.store_examples,
         precision=config.precision,
         compile=config.compile,

@@ -100,6 +100,12 @@ def cmd_fit(args: argparse.Namespace) -> None:
         adapter.writer = QuestionWriter.load(args.writer, base.model)
         if adapter.writer is None:
             raise CheckpointError(f"no question writer in {args.writer} (run `kplug fit-writer`)")
+    if args.selector:
+        from adapters.spans import SpanSelector
+
+        adapter.selector = SpanSelector.load(args.selector, base.model)
+        if adapter.selector is None:
+            raise CheckpointError(f"no span selector in {args.selector} (run `kplug fit-selector`)")
     seen = args.articles  # every article the weights were fitted on, the init's included: the eval checks them
     if args.init:
         seen = ",".join(a for a in (_fitted_articles(args.init), args.articles) if a)
@@ -113,6 +119,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         store=args.store,
         store_examples=args.store_examples,
         store_written=args.store_written,
+        store_selected=args.store_selected,
         store_covered=args.store_covered,
         nested=args.nested,
         nested_lr=args.nested_lr,
@@ -147,6 +154,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
     ckpt = adapter.save(args.out, extra, half=args.half)
     if adapter.writer is not None:  # fold-in asks its written questions with the writer the fit used
         adapter.writer.save(args.out)
+    if adapter.selector is not None:  # and picks its spans with the fit's selector
+        adapter.selector.save(args.out)
     print(f"adapter {ckpt} written to {args.out} ({report.steps} steps, {report.seconds:.0f} s)")
 
 
@@ -361,6 +370,12 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         help="questions per document for the spans the adapter's span selector ranks highest (default 0)",
     )
     parser.add_argument(
+        "--fold-in-selected-window",
+        type=int,
+        default=0,
+        help="the selected spans' questions keep this many words each side of the span (default 0: the sentence)",
+    )
+    parser.add_argument(
         "--fold-in-precision",
         choices=PRECISIONS,
         default="auto",
@@ -396,6 +411,7 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         self_study=args.fold_in_self_study,
         written=args.fold_in_written,
         selected=args.fold_in_selected,
+        selected_window=args.fold_in_selected_window,
         max_examples=args.fold_in_max_examples,
         precision=args.fold_in_precision,
         compile=args.fold_in_compile,
@@ -557,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="of those, questions from the question writer (of --writer or --init), as fold-in's --fold-in-written",
     )
     fit.add_argument(
+        "--store-selected",
+        type=int,
+        default=0,
+        help="of those, questions about the spans the span selector (of --selector or --init) picks, as fold-in's "
+        "--fold-in-selected",
+    )
+    fit.add_argument(
         "--store-covered",
         action="store_true",
         help="closed-book examples only where a store example's target holds their answer (reading examples all kept)",
@@ -570,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--nested-lr", type=float, default=1.0, help="the nested fold-in's step size (default 1.0)")
     fit.add_argument("--writer", type=Path, default=None, help="an adapter folder whose question writer to use")
+    fit.add_argument("--selector", type=Path, default=None, help="an adapter folder whose span selector to use")
     fit.add_argument("--max-docs", type=int, default=None, help="a seeded sample of this many fitting documents")
     fit.add_argument("--epochs", type=float, default=2.0)
     fit.add_argument("--batch-size", type=int, default=32)

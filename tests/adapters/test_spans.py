@@ -41,6 +41,10 @@ def test_candidates_are_distinct_first_mentions_located_in_the_text() -> None:
     assert cands[2].question() == Example(
         "The old tower in Lyon was finished in when by local builders?", "1889" + ANSWER_END
     )
+    # a window keeps that many words each side, the sentence's own punctuation between them
+    assert cands[2].question(2) == Example("finished in when by local?", "1889" + ANSWER_END)
+    assert cands[1].question(1) == Example("in what was?", "Lyon" + ANSWER_END)
+    assert cands[0].question(9) == cands[0].question()  # the sentence is shorter than the window
 
 
 def test_features_come_from_the_bare_model_with_an_adapter_attached(

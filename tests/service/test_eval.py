@@ -574,3 +574,10 @@ def test_fit_selector_saves_a_selector_beside_the_adapter_that_eval_folds_in_wit
     # the selector asks about one span a paragraph, the year its question wants in every fitting paragraph
     assert report["coverage"]["questions_covered"] == 1.0
     assert "1 selected-span + questions" in (tmp_path / "r.md").read_text()
+    # a fit whose store writes each x from the selected spans, with a's selector, keeps that selector beside it
+    store = [*fit[:-1], str(tmp_path / "b"), "--store", "facts", "--store-examples", "1", "--store-selected", "1"]
+    assert main([*store, "--selector", str(tmp_path / "r.json")]) == 2
+    assert "no span selector" in capsys.readouterr().err
+    assert main([*store, "--selector", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "b" / "adapter.json").read_text())["extra"]["fit"]["store_selected"] == 1
+    assert (tmp_path / "b" / WEIGHTS_FILE).read_bytes() == (tmp_path / "a" / WEIGHTS_FILE).read_bytes()
