@@ -120,7 +120,7 @@ def cloze_examples(doc: Document, per_sentence: int = 3) -> list[Example]:
 
 
 _YEAR = re.compile(
-    r"^(?:1\d{3}|20\d{2})$|^(?:January|February|March|April|May|June|July|August|September|October|"
+    r"^(?:1\d{3}|20\d{2})$|^(?:\d{1,2}\s)?(?:January|February|March|April|May|June|July|August|September|October|"
     r"November|December)\b"
 )
 _NUMBER = re.compile(r"^\d")
@@ -172,6 +172,16 @@ _NUMBER_WORDS = re.compile(
     r"thousand|million|billion)(?:[\s-](?:hundred|thousand|million|billion))?\b"
 )
 _ORDINAL = re.compile(r"\b\d+(?:st|nd|rd|th|s)\b(?:\s(?:century|centuries))?")
+_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+# Whole dates ("May 21, 2013", "April 1991", "21 May 2013"), a number with its unit ("90,790 tonnes", "6.04
+# milliliters"; not a year) and names with initials ("Dwight D. Eisenhower"): SQuAD answers that the entity and
+# number spans cut into pieces, none holding the answer
+_WHOLE = re.compile(
+    rf"\b{_MONTH}\s\d{{1,2}},?\s\d{{4}}\b|\b{_MONTH},?\s\d{{4}}\b|\b\d{{1,2}}\s{_MONTH}(?:,?\s\d{{4}})?\b"
+    r"|\b(?!(?:1\d{3}|20\d{2})\b)\d[\d,.]*(?:\s(?:million|billion))?\s"
+    r"(?!(?:" + "|".join(sorted(_STOP)) + r")\b)[a-z]{3,}\b"
+    r"|\b[A-Z][a-z]+(?:\s[A-Z]\.)+\s[A-Z][\w'\-]+"
+)
 
 
 def noun_chunks(body: str, longest: int = 3) -> list[tuple[int, int]]:
@@ -200,11 +210,14 @@ def noun_chunks(body: str, longest: int = 3) -> list[tuple[int, int]]:
 
 
 def fact_spans(body: str) -> list[tuple[int, int]]:
-    """Every answer-like span of a sentence, left to right, without overlaps: entities and numbers (cloze_spans),
-    ordinals and decades, number words, and lowercase noun chunks."""
+    """Every answer-like span of a sentence, left to right, without overlaps: whole dates, numbers with their unit
+    and names with initials first, then entities and numbers (cloze_spans), ordinals and decades, number words, and
+    lowercase noun chunks."""
+    whole = [(m.start(), m.end()) for m in _WHOLE.finditer(body)]
     found = cloze_spans(body)
     found += [(m.start(), m.end()) for pattern in (_ORDINAL, _NUMBER_WORDS) for m in pattern.finditer(body)]
     found += noun_chunks(body)
+    found = whole + [(s, e) for s, e in found if not any(s < we and ws < e for ws, we in whole)]  # whole ones win
     kept: list[tuple[int, int]] = []
     for start, end in sorted(found, key=lambda se: (se[0], -se[1])):
         if not kept or start >= kept[-1][1]:

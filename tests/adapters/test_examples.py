@@ -71,6 +71,16 @@ def test_fact_examples_ask_each_answer_like_span_once_in_alternating_phrasings()
     assert chunks == ["plague", "world population"]
 
 
+def test_fact_spans_keep_dates_numbers_with_units_and_initials_whole() -> None:
+    from adapters.examples import fact_spans, wh_word
+
+    body = "On May 21, 2013 and 4 June 1999 Dwight D. Eisenhower moved 90,790 tonnes in 1991, 12 of them in April 1991"
+    spans = [body[s:e] for s, e in fact_spans(body)]
+    assert spans[:4] == ["May 21, 2013", "4 June 1999", "Dwight D. Eisenhower", "90,790 tonnes"]
+    assert "1991" in spans and "12" in spans and "April 1991" in spans  # a year or a function word is no unit
+    assert [wh_word(s) for s in spans[:4]] == ["when", "when", "what", "how many"]
+
+
 def test_gold_span_examples_ask_the_rules_question_for_each_gold_answer() -> None:
     from adapters.corpus import QA
     from adapters.examples import EXAMPLE_BUILDERS
