@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters.corpus import Document
 from adapters.errors import CheckpointError
 from adapters.examples import Example, cloze_spans, fact_spans, fact_wh, in_place_question, sentences
-from adapters.forward import CausalLM
+from adapters.forward import CausalLM, embed, run_layers
 from adapters.metrics import contained
 
 if TYPE_CHECKING:
@@ -109,8 +109,9 @@ def features(
     offsets = enc.pop("offset_mapping")[0]  # (T, 2) character range of each token
     layer = min(LAYER, len(model.model.layers))
     bare = nullcontext() if adapter is None else adapter.use(None, gate=torch.zeros(1, device=model.device))
-    with torch.no_grad(), bare:
-        hidden = model(**enc.to(model.device), output_hidden_states=True).hidden_states[layer][0].float()
+    with torch.no_grad(), bare:  # the layers below LAYER only: neither the rest nor the head is read
+        ids, attention = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+        hidden = run_layers(model, embed(model, ids), attention, 0, layer)[0].float()
     rows = []
     for c in cands:
         lo, hi = c.offset + c.start, c.offset + c.end
