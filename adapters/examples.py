@@ -119,10 +119,8 @@ def cloze_examples(doc: Document, per_sentence: int = 3) -> list[Example]:
     return out or lm_examples(doc)
 
 
-_YEAR = re.compile(
-    r"^(?:1\d{3}|20\d{2})$|^(?:\d{1,2}\s)?(?:January|February|March|April|May|June|July|August|September|October|"
-    r"November|December)\b"
-)
+_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+_YEAR = re.compile(rf"^(?:1\d{{3}}|20\d{{2}})$|^(?:\d{{1,2}}\s)?{_MONTH}\b")
 _NUMBER = re.compile(r"^\d")
 
 
@@ -172,7 +170,6 @@ _NUMBER_WORDS = re.compile(
     r"thousand|million|billion)(?:[\s-](?:hundred|thousand|million|billion))?\b"
 )
 _ORDINAL = re.compile(r"\b\d+(?:st|nd|rd|th|s)\b(?:\s(?:century|centuries))?")
-_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
 # Whole dates ("May 21, 2013", "April 1991", "21 May 2013"), a number with its unit ("90,790 tonnes", "6.04
 # milliliters"; not a year) and names with initials ("Dwight D. Eisenhower"): SQuAD answers that the entity and
 # number spans cut into pieces, none holding the answer
