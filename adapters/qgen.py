@@ -3,8 +3,8 @@ articles' gold questions (sentence + answer span -> question), so that registrat
 back in the words SQuAD's questions use. The 135M model cannot write usable questions unaided (README, method
 notes); rule-made questions are usable but land far from real ones. The writer is attached only while it writes
 (forward hooks), so the served model is untouched, and its weights live beside the adapter's. Measured: its
-questions read like SQuAD's, but plugins folded in on them answer no more than on rule-made ones (README,
-"Knowledge with written questions").
+questions read like SQuAD's; instead of rule-made ones they answer no more ("Knowledge with written questions"),
+beside them, for the selected spans, more (README, "Written and rule-made questions for the selected spans").
 """
 
 from __future__ import annotations
@@ -144,10 +144,23 @@ def written_examples(
 ) -> list[Example]:
     """Up to n examples: the writer's question for answer spans spread over the document, the span as target."""
     chosen = spread(answer_spans(text), n)
-    if not chosen:
+    questions = ask(writer, model, tokenizer, chosen, adapter, new_tokens)
+    return [Example(q, a + ANSWER_END) for q, (_, a) in zip(questions, chosen, strict=True) if q]
+
+
+def ask(
+    writer: QuestionWriter,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    adapter: PluginAdapter | None = None,
+    new_tokens: int = 32,
+) -> list[str]:
+    """The writer's question for each (sentence, answer span), in one batch; "" where it wrote no question."""
+    if not pairs:
         return []
-    prompts = [_prompt(s, a) for s, a in chosen]
+    prompts = [_prompt(s, a) for s, a in pairs]
     bare = torch.zeros(len(prompts))  # gate 0: the bare base model, plus the writer
     with writer.attached(model):
         questions = greedy_generate(model, tokenizer, adapter, prompts, None, new_tokens, gate=bare)
-    return [Example(q, a + ANSWER_END) for q, (_, a) in zip(questions, chosen, strict=True) if q.endswith("?")]
+    return [q if q.endswith("?") else "" for q in questions]

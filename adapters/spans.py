@@ -23,9 +23,10 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.corpus import Document
 from adapters.errors import CheckpointError
-from adapters.examples import Example, cloze_spans, fact_spans, fact_wh, in_place_question, sentences
+from adapters.examples import ANSWER_END, Example, cloze_spans, fact_spans, fact_wh, in_place_question, sentences
 from adapters.forward import CausalLM, embed, run_layers
 from adapters.metrics import contained
+from adapters.qgen import QuestionWriter, ask
 
 if TYPE_CHECKING:
     from adapters.adapter import PluginAdapter
@@ -173,9 +174,17 @@ def selected_examples(
     n: int,
     adapter: PluginAdapter | None = None,
     window: int = 0,
+    writer: QuestionWriter | None = None,
 ) -> list[Example]:
-    """One rule-made question for each of the n spans the selector ranks highest (Candidate.question's window)."""
-    return [c.question(window) for c in selector.select(model, tokenizer, text, n, adapter)]
+    """A rule-made question (Candidate.question's window) for each of the n spans the selector ranks highest; with a
+    writer, first its question for each, given the span's sentence (where it wrote one). The two phrasings answer
+    different questions, and together more than either (README, "Written and rule-made questions ...")."""
+    chosen = selector.select(model, tokenizer, text, n, adapter)
+    made = [c.question(window) for c in chosen]
+    if writer is None:
+        return made
+    asked = ask(writer, model, tokenizer, [(c.body, c.span) for c in chosen], adapter)
+    return [Example(q, c.span + ANSWER_END) for c, q in zip(chosen, asked, strict=True) if q] + made
 
 
 def fit_selector(

@@ -72,6 +72,8 @@ class FoldInConfig(Schema):
     selected: int = Field(0, ge=0)  # questions per document for the spans the adapter's span selector ranks highest
     # their questions keep this many words each side of the span (0: the whole sentence)
     selected_window: int = Field(0, ge=0)
+    # each selected span asked by the adapter's question writer too, before its rule-made question
+    selected_written: bool = False
     max_examples: int | None = Field(16, ge=1)  # per document, all sources; None: all the builder makes
     # The steps' matrix products: bfloat16 autocast (x, its optimiser and the losses stay float32) halves fold-in on
     # a CPU with bfloat16 instructions and moves plugins by about 1% (README, "Fold-in in bfloat16").
@@ -329,7 +331,7 @@ def fold_in_examples(
 ) -> list[list[Example]]:
     """Each document's training examples: its self-study examples, written questions and selected spans' questions
     first, then the builder's, spread over the document to fill the rest of max_examples."""
-    if config.written and adapter.writer is None:
+    if (config.written or config.selected_written) and adapter.writer is None:
         raise InvalidInputError("fold-in asks for written questions but the adapter has no question writer")
     if config.selected and adapter.selector is None:
         raise InvalidInputError("fold-in asks for selected spans but the adapter has no span selector")
@@ -341,7 +343,14 @@ def fold_in_examples(
             first += written_examples(adapter.writer, model, tokenizer, doc.text, config.written, adapter)
         if config.selected and adapter.selector is not None:
             first += selected_examples(
-                adapter.selector, model, tokenizer, doc.text, config.selected, adapter, config.selected_window
+                adapter.selector,
+                model,
+                tokenizer,
+                doc.text,
+                config.selected,
+                adapter,
+                config.selected_window,
+                adapter.writer if config.selected_written else None,
             )
         room = None if config.max_examples is None else max(0, config.max_examples - len(first))
         out.append(first + spread(made, room))

@@ -376,6 +376,11 @@ def _add_fold_in_args(parser: argparse.ArgumentParser) -> None:
         help="the selected spans' questions keep this many words each side of the span (default 0: the sentence)",
     )
     parser.add_argument(
+        "--fold-in-selected-written",
+        action="store_true",
+        help="each selected span asked by the adapter's question writer too, before its rule-made question",
+    )
+    parser.add_argument(
         "--fold-in-precision",
         choices=PRECISIONS,
         default="auto",
@@ -412,6 +417,7 @@ def _fold_in_config(args: argparse.Namespace) -> FoldInConfig:
         written=args.fold_in_written,
         selected=args.fold_in_selected,
         selected_window=args.fold_in_selected_window,
+        selected_written=args.fold_in_selected_written,
         max_examples=args.fold_in_max_examples,
         precision=args.fold_in_precision,
         compile=args.fold_in_compile,

@@ -381,10 +381,10 @@ class SquadEval:
     ) -> dict[str, Any]:
         """Is fold-in limited by what its examples ask or by how far plugins generalise? The share of questions whose
         reference answer is contained in the target of one of its paragraph's made examples (the selected spans' and
-        the builder's, as fold-in spreads them; written and self-study examples not counted), and plugins/oracle's
-        contained rate on both parts. Contained, as the metric: a clause target holding the answer covers it. And how
-        often plugins answer with another of the paragraph's targets (misrouted): facts held but given to the wrong
-        question."""
+        the builder's, as fold-in spreads them, however asked; the written and self-study sources not counted), and
+        plugins/oracle's contained rate on both parts. Contained, as the metric: a clause target holding the answer
+        covers it. And how often plugins answer with another of the paragraph's targets (misrouted): facts held but
+        given to the wrong question."""
         fold = self.runtime.settings.fold_in
         if fold_in_steps(self.runtime.adapter, fold) == 0:
             return {}
@@ -516,6 +516,8 @@ def _fold_in_method(cfg: dict[str, Any]) -> str:
         return "encoder only"
     names = (("self_study", "self-study"), ("written", "written"), ("selected", "selected-span"))
     sources = [f"{fold[k]} {name}" for k, name in names if fold.get(k)]
+    if fold.get("selected") and fold.get("selected_written"):
+        sources[-1] += " (written and rule-made questions)"
     made = " + ".join([*sources, fold["examples"]])
     distill = f" + context distillation x{fold['distill']}" if fold.get("distill") else ""
     precision = f", {cfg['fold_in_precision']}" if cfg.get("fold_in_precision") == "bfloat16" else ""

@@ -104,7 +104,7 @@ class Runtime:
         self.base = load_base_model(s.model, s.cache_dir)
         self.adapter = PluginAdapter.load(s.adapter_dir(), self.base)
         # refuse at start what every registration would fail on
-        if s.fold_in.written and self.adapter.writer is None:
+        if (s.fold_in.written or s.fold_in.selected_written) and self.adapter.writer is None:
             raise CheckpointError(f"fold-in asks for written questions but {s.adapter_dir()} has no question writer")
         if s.fold_in.selected and self.adapter.selector is None:
             raise CheckpointError(f"fold-in asks for selected spans but {s.adapter_dir()} has no span selector")

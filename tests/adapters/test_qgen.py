@@ -14,6 +14,7 @@ from adapters.corpus import QA, Document
 from adapters.errors import InvalidInputError
 from adapters.examples import ANSWER_END, Example, spread
 from adapters.qgen import QuestionWriter, answer_spans, training_pairs, written_examples
+from adapters.spans import SHAPE, SpanSelector
 from adapters.training import FitConfig, FoldInConfig, fit, fit_writer, fold_in_examples
 
 TEXT = "The old tower was finished in 1889 by local builders."
@@ -47,9 +48,9 @@ def test_training_pairs_keep_questions_whose_answer_lies_in_a_sentence() -> None
 def test_fold_in_refuses_written_questions_without_a_writer_and_loads_one_saved_beside_the_adapter(
     tiny: BaseModel, tiny_adapter: PluginAdapter, tmp_path: Path
 ) -> None:
-    config = FoldInConfig(written=2, max_examples=4)
-    with pytest.raises(InvalidInputError, match="no question writer"):
-        fold_in_examples(tiny_adapter, tiny.model, tiny.tokenizer, [DOC], config)
+    for config in (FoldInConfig(written=2, max_examples=4), FoldInConfig(selected=1, selected_written=True)):
+        with pytest.raises(InvalidInputError, match="no question writer"):
+            fold_in_examples(tiny_adapter, tiny.model, tiny.tokenizer, [DOC], config)
     writer, losses = fit_writer(tiny.model, tiny.tokenizer, [DOC], steps=10, batch_size=2, lr=1e-2, progress=False)
     assert losses[-1] < losses[0]
     tiny_adapter.save(tmp_path)
@@ -74,6 +75,14 @@ def test_a_fitted_writer_asks_its_question_and_fold_in_and_the_store_fit_put_it_
     adapter.writer = writer
     [made] = fold_in_examples(adapter, base.model, base.tokenizer, [DOC], FoldInConfig(written=1, max_examples=2))
     assert made[0] == expected and len(made) == 2  # the written question first, the rules fill the cap
+    # a selector that picks numbers: its span asked by the writer, then by the rules, then the builder's
+    width = base.model.config.hidden_size + SHAPE
+    digit = torch.zeros(width).index_fill_(0, torch.tensor([width - SHAPE + 1]), 1.0)  # shape_features' digit
+    adapter.selector = SpanSelector(digit, torch.zeros(1), torch.zeros(width), torch.ones(width))
+    config = FoldInConfig(selected=1, selected_written=True, max_examples=3)
+    [made] = fold_in_examples(adapter, base.model, base.tokenizer, [DOC], config)
+    rule = Example("The old tower was finished in when by local builders?", "1889" + ANSWER_END)
+    assert made[:2] == [expected, rule] and len(made) == 3
     # the store fit writes each fitting document's x from the same examples fold-in will use, written ones included
     plugins = []
     for written in (1, 0):

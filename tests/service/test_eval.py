@@ -568,6 +568,8 @@ def test_fit_selector_saves_a_selector_beside_the_adapter_that_eval_folds_in_wit
     assert "has no span selector" in capsys.readouterr().err
     assert main([*selector, "--adapter", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / WEIGHTS_FILE).exists()
+    assert main([*evaluate, "--fold-in-selected-written"]) == 2  # refused at start: no writer beside the adapter
+    assert "has no question writer" in capsys.readouterr().err
     assert main(evaluate) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["config"]["fold_in"]["selected"] == 1
