@@ -143,9 +143,7 @@ def written_examples(
     new_tokens: int = 32,
 ) -> list[Example]:
     """Up to n examples: the writer's question for answer spans spread over the document, the span as target."""
-    chosen = spread(answer_spans(text), n)
-    questions = ask(writer, model, tokenizer, chosen, adapter, new_tokens)
-    return [Example(q, a + ANSWER_END) for q, (_, a) in zip(questions, chosen, strict=True) if q]
+    return ask(writer, model, tokenizer, spread(answer_spans(text), n), adapter, new_tokens)
 
 
 def ask(
@@ -155,12 +153,13 @@ def ask(
     pairs: Sequence[tuple[str, str]],
     adapter: PluginAdapter | None = None,
     new_tokens: int = 32,
-) -> list[str]:
-    """The writer's question for each (sentence, answer span), in one batch; "" where it wrote no question."""
+) -> list[Example]:
+    """The writer's question for each (sentence, answer span), in one batch, the span as its answer; none where it
+    wrote no question."""
     if not pairs:
         return []
     prompts = [_prompt(s, a) for s, a in pairs]
     bare = torch.zeros(len(prompts))  # gate 0: the bare base model, plus the writer
     with writer.attached(model):
         questions = greedy_generate(model, tokenizer, adapter, prompts, None, new_tokens, gate=bare)
-    return [q if q.endswith("?") else "" for q in questions]
+    return [Example(q, a + ANSWER_END) for q, (_, a) in zip(questions, pairs, strict=True) if q.endswith("?")]

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters.corpus import Document
 from adapters.errors import CheckpointError
-from adapters.examples import ANSWER_END, Example, cloze_spans, fact_spans, fact_wh, in_place_question, sentences
+from adapters.examples import Example, cloze_spans, fact_spans, fact_wh, in_place_question, sentences
 from adapters.forward import CausalLM, embed, run_layers
 from adapters.metrics import contained
 from adapters.qgen import QuestionWriter, ask
@@ -183,8 +183,7 @@ def selected_examples(
     made = [c.question(window) for c in chosen]
     if writer is None:
         return made
-    asked = ask(writer, model, tokenizer, [(c.body, c.span) for c in chosen], adapter)
-    return [Example(q, c.span + ANSWER_END) for c, q in zip(chosen, asked, strict=True) if q] + made
+    return ask(writer, model, tokenizer, [(c.body, c.span) for c in chosen], adapter) + made
 
 
 def fit_selector(
