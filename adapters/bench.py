@@ -15,12 +15,14 @@ import numpy as np
 import torch
 
 from adapters.adapter import PluginAdapter
-from adapters.base_model import DEFAULT_MODEL, load_base_model
+from adapters.base_model import DEFAULT_MODEL, BaseModel, load_base_model
 from adapters.generation import greedy_generate
 from adapters.plugin import compose, retrieval_weights
 from adapters.prompts import chat_prompt
+from adapters.spans import selected_examples
 from adapters.training import FoldInConfig, fold_in
 
+CHUNK = 4  # documents a registration folds in together (service.registrar.CHUNK)
 # Five documents (the first is 150 words: the fold-in timing document).
 DOCUMENTS = [
     "The Great Library of Alexandria was one of the largest and most significant libraries of the ancient world. "
@@ -110,6 +112,8 @@ def bench_adapter(
             "refined_fold_in_ratio_to_against": round(now / seconds, 3),  # < 1: this adapter folds in faster
         }
 
+    asking = _time_asking(adapter, base, refine_repeats) if adapter.writer and adapter.selector else {}
+
     def run_bare() -> None:
         greedy_generate(bare.model, bare.tokenizer, None, prompt, None, new_tokens, stop_at_eos=False)
 
@@ -145,4 +149,34 @@ def bench_adapter(
         "adapter": str(adapter_dir),
         "model": base.identity.name,
         **compared,
+        **asking,
+    }
+
+
+def _time_asking(adapter: PluginAdapter, base: BaseModel, repeats: int) -> dict[str, Any]:
+    """The question writer asking about 8 selected spans of each of the four documents a registration chunk folds
+    in (--fold-in-selected 8 --fold-in-selected-written): in one set of batches across them, against one
+    document at a time, timed alternately."""
+    selector, writer = adapter.selector, adapter.writer
+    assert selector is not None and writer is not None
+    docs = DOCUMENTS[:CHUNK]
+
+    def ask(texts: list[str]) -> None:
+        selected_examples(selector, base.model, base.tokenizer, texts, 8, adapter, 5, writer)
+
+    ask(docs)  # warm-up
+    together, alone = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        ask(docs)
+        together.append((time.perf_counter() - started) / len(docs))
+        started = time.perf_counter()
+        for doc in docs:
+            ask([doc])
+        alone.append((time.perf_counter() - started) / len(docs))
+    batched, single = statistics.median(together), statistics.median(alone)
+    return {
+        "selected_written_seconds_per_doc": round(batched, 3),
+        "selected_written_seconds_per_doc_alone": round(single, 3),
+        "selected_written_batching_speedup": round(single / batched, 3),
     }

@@ -154,12 +154,36 @@ def ask(
     adapter: PluginAdapter | None = None,
     new_tokens: int = 32,
 ) -> list[Example]:
-    """The writer's question for each (sentence, answer span), in one batch, the span as its answer; none where it
-    wrote no question."""
-    if not pairs:
-        return []
-    prompts = [_prompt(s, a) for s, a in pairs]
-    bare = torch.zeros(len(prompts))  # gate 0: the bare base model, plus the writer
+    """The writer's question for each (sentence, answer span), the span as its answer; none where it wrote no
+    question."""
+    return ask_groups(writer, model, tokenizer, [pairs], adapter, new_tokens)[0]
+
+
+def ask_groups(
+    writer: QuestionWriter,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    groups: Sequence[Sequence[tuple[str, str]]],
+    adapter: PluginAdapter | None = None,
+    new_tokens: int = 32,
+    batch: int = 32,
+) -> list[list[Example]]:
+    """ask for several documents' pairs together: batches of up to `batch` prompts of similar length across the
+    documents, since one small batch per document leaves the 2 cores mostly waiting (README, "Written and
+    rule-made questions for the selected spans")."""
+    flat = [(g, _prompt(s, a), a) for g, pairs in enumerate(groups) for s, a in pairs]
+    order = sorted(range(len(flat)), key=lambda i: len(flat[i][1]))
+    questions = [""] * len(flat)
     with writer.attached(model):
-        questions = greedy_generate(model, tokenizer, adapter, prompts, None, new_tokens, gate=bare)
-    return [Example(q, a + ANSWER_END) for q, (_, a) in zip(questions, pairs, strict=True) if q.endswith("?")]
+        for k in range(0, len(order), batch):
+            chunk = order[k : k + batch]
+            prompts = [flat[i][1] for i in chunk]
+            bare = torch.zeros(len(chunk))  # gate 0: the bare base model, plus the writer
+            written = greedy_generate(model, tokenizer, adapter, prompts, None, new_tokens, gate=bare)
+            for i, q in zip(chunk, written, strict=True):
+                questions[i] = q
+    out: list[list[Example]] = [[] for _ in groups]
+    for (g, _, a), q in zip(flat, questions, strict=True):
+        if q.endswith("?"):
+            out[g].append(Example(q, a + ANSWER_END))
+    return out

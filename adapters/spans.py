@@ -26,7 +26,7 @@ from adapters.errors import CheckpointError
 from adapters.examples import Example, cloze_spans, fact_spans, fact_wh, in_place_question, sentences
 from adapters.forward import CausalLM, embed, run_layers
 from adapters.metrics import contained
-from adapters.qgen import QuestionWriter, ask
+from adapters.qgen import QuestionWriter, ask_groups
 
 if TYPE_CHECKING:
     from adapters.adapter import PluginAdapter
@@ -170,20 +170,22 @@ def selected_examples(
     selector: SpanSelector,
     model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
-    text: str,
+    texts: Sequence[str],
     n: int,
     adapter: PluginAdapter | None = None,
     window: int = 0,
     writer: QuestionWriter | None = None,
-) -> list[Example]:
-    """A rule-made question (Candidate.question's window) for each of the n spans the selector ranks highest; with a
-    writer, first its question for each, given the span's sentence (where it wrote one). The two phrasings answer
-    different questions, and together more than either (README, "Written and rule-made questions ...")."""
-    chosen = selector.select(model, tokenizer, text, n, adapter)
-    made = [c.question(window) for c in chosen]
+) -> list[list[Example]]:
+    """Each text's rule-made question (Candidate.question's window) for each of the n spans the selector ranks
+    highest; with a writer, first its question for each, given the span's sentence (where it wrote one), asked for
+    all texts together. The two phrasings answer different questions, and together more than either (README,
+    "Written and rule-made questions ...")."""
+    chosen = [selector.select(model, tokenizer, text, n, adapter) for text in texts]
+    made = [[c.question(window) for c in cs] for cs in chosen]
     if writer is None:
         return made
-    return ask(writer, model, tokenizer, [(c.body, c.span) for c in chosen], adapter) + made
+    written = ask_groups(writer, model, tokenizer, [[(c.body, c.span) for c in cs] for cs in chosen], adapter)
+    return [w + m for w, m in zip(written, made, strict=True)]
 
 
 def fit_selector(

@@ -111,6 +111,9 @@ class FitConfig(Schema):
     store_written: int = Field(0, ge=0)
     # and of those, questions about the spans the adapter's span selector picks (as fold-in's `selected`)
     store_selected: int = Field(0, ge=0)
+    # their questions' window and the writer's question for each, as fold-in's selected_window and selected_written
+    store_selected_window: int = Field(0, ge=0)
+    store_selected_written: bool = False
     # Closed-book examples only where one of the document's store examples holds their answer (contained): U, V then
     # learn to read what x can hold, not to guess answers no store example wrote. Reading examples are all kept.
     store_covered: bool = False
@@ -335,23 +338,20 @@ def fold_in_examples(
         raise InvalidInputError("fold-in asks for written questions but the adapter has no question writer")
     if config.selected and adapter.selector is None:
         raise InvalidInputError("fold-in asks for selected spans but the adapter has no span selector")
+    selected: list[list[Example]] = [[] for _ in docs]
+    if config.selected and adapter.selector is not None:
+        writer = adapter.writer if config.selected_written else None
+        texts = [d.text for d in docs]
+        selected = selected_examples(
+            adapter.selector, model, tokenizer, texts, config.selected, adapter, config.selected_window, writer
+        )
     out = []
-    for doc, made in zip(docs, build_examples(config.examples, docs), strict=True):
+    for doc, made, chosen in zip(docs, build_examples(config.examples, docs), selected, strict=True):
         n = config.self_study
         first = self_study_examples(adapter, model, tokenizer, doc.text, n) if n else []
         if config.written and adapter.writer is not None:
             first += written_examples(adapter.writer, model, tokenizer, doc.text, config.written, adapter)
-        if config.selected and adapter.selector is not None:
-            first += selected_examples(
-                adapter.selector,
-                model,
-                tokenizer,
-                doc.text,
-                config.selected,
-                adapter,
-                config.selected_window,
-                adapter.writer if config.selected_written else None,
-            )
+        first += chosen
         room = None if config.max_examples is None else max(0, config.max_examples - len(first))
         out.append(first + spread(made, room))
     return out
@@ -600,6 +600,8 @@ def _store_fold_in(config: FitConfig, **more: object) -> FoldInConfig:
         examples=config.store,
         written=config.store_written,
         selected=config.store_selected,
+        selected_window=config.store_selected_window,
+        selected_written=config.store_selected_written,
         max_examples=config.store_examples,
         precision=config.precision,
         compile=config.compile,

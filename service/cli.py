@@ -120,6 +120,8 @@ def cmd_fit(args: argparse.Namespace) -> None:
         store_examples=args.store_examples,
         store_written=args.store_written,
         store_selected=args.store_selected,
+        store_selected_window=args.store_selected_window,
+        store_selected_written=args.store_selected_written,
         store_covered=args.store_covered,
         nested=args.nested,
         nested_lr=args.nested_lr,
@@ -584,6 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="of those, questions about the spans the span selector (of --selector or --init) picks, as fold-in's "
         "--fold-in-selected",
+    )
+    fit.add_argument(
+        "--store-selected-window",
+        type=int,
+        default=0,
+        help="their questions keep this many words each side of the span, as fold-in's --fold-in-selected-window",
+    )
+    fit.add_argument(
+        "--store-selected-written",
+        action="store_true",
+        help="each selected span asked by the question writer too, as fold-in's --fold-in-selected-written",
     )
     fit.add_argument(
         "--store-covered",

@@ -83,6 +83,11 @@ def test_a_fitted_writer_asks_its_question_and_fold_in_and_the_store_fit_put_it_
     [made] = fold_in_examples(adapter, base.model, base.tokenizer, [DOC], config)
     rule = Example("The old tower was finished in when by local builders?", "1889" + ANSWER_END)
     assert made[:2] == [expected, rule] and len(made) == 3
+    # asked in one batch with another document's span (a longer prompt first): the same questions, regrouped
+    other = Document("e", "Much later, a second and much longer bridge over the wide river was opened in 1901.")
+    [second, together] = fold_in_examples(adapter, base.model, base.tokenizer, [other, DOC], config)
+    assert together == made
+    assert second[0].target == "1901" + ANSWER_END and all(e.target != "1889" + ANSWER_END for e in second)
     # the store fit writes each fitting document's x from the same examples fold-in will use, written ones included
     plugins = []
     for written in (1, 0):

@@ -68,7 +68,7 @@ def test_a_fitted_selector_ranks_the_asked_kind_of_span_first(tiny: BaseModel) -
     held_out = "The bridge of Turin was opened in 1777 by the old guild of masons."
     [best] = selector.select(tiny.model, tiny.tokenizer, held_out, 1)
     assert best.span == "1777"
-    examples = selected_examples(selector, tiny.model, tiny.tokenizer, held_out, 2)
+    [examples] = selected_examples(selector, tiny.model, tiny.tokenizer, [held_out], 2)
     assert (
         len(examples) == 2
         and Example("The bridge of Turin was opened in when by the old guild of masons?", "1777" + ANSWER_END)
@@ -94,7 +94,7 @@ def test_fold_in_asks_the_selected_spans_first_with_a_selector_saved_beside_the_
     assert torch.allclose(loaded.selector.weight, selector.weight)
     tiny_adapter.selector = loaded.selector
     [made] = fold_in_examples(tiny_adapter, tiny.model, tiny.tokenizer, [doc], config)
-    first = selected_examples(loaded.selector, tiny.model, tiny.tokenizer, TEXT, 1, tiny_adapter)
+    [first] = selected_examples(loaded.selector, tiny.model, tiny.tokenizer, [TEXT], 1, tiny_adapter)
     assert len(made) == 3 and made[0] == first[0]  # the selected question first, the rules fill the cap
     (tmp_path / WEIGHTS_FILE).unlink()
     assert PluginAdapter.load(tmp_path, tiny_model(seed=0)).selector is None

@@ -580,6 +580,9 @@ def test_fit_selector_saves_a_selector_beside_the_adapter_that_eval_folds_in_wit
     store = [*fit[:-1], str(tmp_path / "b"), "--store", "facts", "--store-examples", "1", "--store-selected", "1"]
     assert main([*store, "--selector", str(tmp_path / "r.json")]) == 2
     assert "no span selector" in capsys.readouterr().err
-    assert main([*store, "--selector", str(tmp_path / "a")]) == 0
-    assert json.loads((tmp_path / "b" / "adapter.json").read_text())["extra"]["fit"]["store_selected"] == 1
+    assert main([*store, "--selector", str(tmp_path / "a"), "--store-selected-written"]) == 2
+    assert "no question writer" in capsys.readouterr().err  # as fold-in would refuse it
+    assert main([*store, "--selector", str(tmp_path / "a"), "--store-selected-window", "2"]) == 0
+    fitted = json.loads((tmp_path / "b" / "adapter.json").read_text())["extra"]["fit"]
+    assert fitted["store_selected"] == 1 and fitted["store_selected_window"] == 2
     assert (tmp_path / "b" / WEIGHTS_FILE).read_bytes() == (tmp_path / "a" / WEIGHTS_FILE).read_bytes()
