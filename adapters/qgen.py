@@ -143,20 +143,7 @@ def written_examples(
     new_tokens: int = 32,
 ) -> list[Example]:
     """Up to n examples: the writer's question for answer spans spread over the document, the span as target."""
-    return ask(writer, model, tokenizer, spread(answer_spans(text), n), adapter, new_tokens)
-
-
-def ask(
-    writer: QuestionWriter,
-    model: CausalLM,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Sequence[tuple[str, str]],
-    adapter: PluginAdapter | None = None,
-    new_tokens: int = 32,
-) -> list[Example]:
-    """The writer's question for each (sentence, answer span), the span as its answer; none where it wrote no
-    question."""
-    return ask_groups(writer, model, tokenizer, [pairs], adapter, new_tokens)[0]
+    return ask_groups(writer, model, tokenizer, [spread(answer_spans(text), n)], adapter, new_tokens)[0]
 
 
 def ask_groups(
@@ -168,9 +155,10 @@ def ask_groups(
     new_tokens: int = 32,
     batch: int = 32,
 ) -> list[list[Example]]:
-    """ask for several documents' pairs together: batches of up to `batch` prompts of similar length across the
-    documents, since one small batch per document leaves the 2 cores mostly waiting (README, "Written and
-    rule-made questions for the selected spans")."""
+    """The writer's question for each (sentence, answer span) of each group (a document), the span as its answer;
+    none where it wrote no question. All groups' prompts go in batches of up to `batch` of similar length: one small
+    batch per document left the 2 cores mostly waiting (README, "U, V fitted to read the written and rule-made
+    plugins": 1.47x for a registration's 4 documents)."""
     flat = [(g, _prompt(s, a), a) for g, pairs in enumerate(groups) for s, a in pairs]
     order = sorted(range(len(flat)), key=lambda i: len(flat[i][1]))
     questions = [""] * len(flat)
