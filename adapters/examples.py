@@ -348,6 +348,7 @@ EXAMPLE_BUILDERS: dict[str, Callable[[Document], list[Example]]] = {
     "questions": question_examples,
     "facts": fact_examples,
     "gold-spans": gold_span_examples,
+    "none": lambda doc: [],  # only the written or selected spans' questions
     "about": about_examples,
     "questions+about": questions_and_about,
 }

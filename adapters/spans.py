@@ -167,7 +167,7 @@ class SpanSelector:
 
 
 def selected_examples(
-    selector: SpanSelector,
+    selector: SpanSelector | None,
     model: CausalLM,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
@@ -175,12 +175,19 @@ def selected_examples(
     adapter: PluginAdapter | None = None,
     window: int = 0,
     writer: QuestionWriter | None = None,
+    answers: Sequence[Sequence[str]] | None = None,
 ) -> list[list[Example]]:
     """Each text's rule-made question (Candidate.question's window) for each of the n spans the selector ranks
     highest; with a writer, first its question for each, given the span's sentence (where it wrote one), asked for
     all texts together. The two phrasings answer different questions, and together more than either (README,
-    "Written and rule-made questions ...")."""
-    chosen = [selector.select(model, tokenizer, text, n, adapter) for text in texts]
+    "Written and rule-made questions ..."). With each text's gold answers (a diagnostic, never the method: a perfect
+    selector), every candidate that holds one instead, as fit_selector labels them."""
+    if answers is None:
+        if selector is None:
+            raise ValueError("selected_examples needs a selector or the gold answers")
+        chosen = [selector.select(model, tokenizer, text, n, adapter) for text in texts]
+    else:
+        chosen = [[c for c in candidates(t) if contained(c.span, a)] for t, a in zip(texts, answers, strict=True)]
     made = [[c.question(window) for c in cs] for cs in chosen]
     if writer is None:
         return made

@@ -74,6 +74,9 @@ class FoldInConfig(Schema):
     selected_window: int = Field(0, ge=0)
     # each selected span asked by the adapter's question writer too, before its rule-made question
     selected_written: bool = False
+    # A diagnostic, never the method (it reads the gold answers): the selected spans are every candidate holding one
+    # of the document's gold answers, a perfect selector's choice (the eval's --capacity-examples gold-selected).
+    selected_gold: bool = False
     max_examples: int | None = Field(16, ge=1)  # per document, all sources; None: all the builder makes
     # The steps' matrix products: bfloat16 autocast (x, its optimiser and the losses stay float32) halves fold-in on
     # a CPU with bfloat16 instructions and moves plugins by about 1% (README, "Fold-in in bfloat16").
@@ -336,14 +339,15 @@ def fold_in_examples(
     first, then the builder's, spread over the document to fill the rest of max_examples."""
     if (config.written or config.selected_written) and adapter.writer is None:
         raise InvalidInputError("fold-in asks for written questions but the adapter has no question writer")
-    if config.selected and adapter.selector is None:
+    if config.selected and adapter.selector is None and not config.selected_gold:
         raise InvalidInputError("fold-in asks for selected spans but the adapter has no span selector")
     selected: list[list[Example]] = [[] for _ in docs]
-    if config.selected and adapter.selector is not None:
+    if config.selected:
         writer = adapter.writer if config.selected_written else None
         texts = [d.text for d in docs]
+        gold = [[a for qa in d.questions for a in qa.answers] for d in docs] if config.selected_gold else None
         selected = selected_examples(
-            adapter.selector, model, tokenizer, texts, config.selected, adapter, config.selected_window, writer
+            adapter.selector, model, tokenizer, texts, config.selected, adapter, config.selected_window, writer, gold
         )
     out = []
     for doc, made, chosen in zip(docs, build_examples(config.examples, docs), selected, strict=True):

@@ -703,9 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
     squad.add_argument("--capacity-lr", type=float, default=0.3, help="the diagnostic's fold-in lr (default 0.3)")
     squad.add_argument(
         "--capacity-examples",
-        choices=["qa", "gold-spans"],
+        choices=["qa", "gold-spans", "gold-selected"],
         default="qa",
-        help="the diagnostic's examples: the gold questions, or rule-made questions for the gold answers (default qa)",
+        help="the diagnostic's examples: the gold questions, rule-made questions for the gold answers, or fold-in's "
+        "selected-span questions for the candidates holding them (default qa)",
     )
     squad.add_argument("--plugin-format", choices=FORMATS, default="float16", help="how the store keeps plugins")
     squad.add_argument(

@@ -102,7 +102,9 @@ class EvalOptions:
     # budget writes when the examples are the very questions asked.
     capacity_steps: int = 60
     capacity_lr: float = 0.3
-    capacity_examples: str = "qa"  # the gold questions; "gold-spans": rule-made questions for the gold answers
+    # the gold questions; "gold-spans": rule-made questions for the gold answers; "gold-selected": the fold-in's
+    # selected-span questions (its window and writer) for every candidate span holding a gold answer
+    capacity_examples: str = "qa"
     runs: Sequence[tuple[Mode, str]] = tuple(DEFAULT_RUNS)
 
 
@@ -319,6 +321,9 @@ class SquadEval:
             l2=0.0,
             max_examples=None,
         )
+        if self.o.capacity_examples == "gold-selected":  # the method's fold-in, with a perfect span selector
+            gold = {"examples": "none", "selected": max(rt.settings.fold_in.selected, 1), "selected_gold": True}
+            config = rt.settings.fold_in.model_copy(update=gold | {"steps": config.steps, "lr": config.lr})
         results = rt.engine.call(lambda: fold_in(rt.adapter, rt.base.model, rt.base.tokenizer, chosen, config)).result()
         for doc, res in zip(chosen, results, strict=True):
             rt.store.put(f"capacity:{doc.id}", doc.text, {}, rt.store.embedding(doc.id), res.plugin)

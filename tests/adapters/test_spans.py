@@ -102,3 +102,16 @@ def test_fold_in_asks_the_selected_spans_first_with_a_selector_saved_beside_the_
     narrow.save(tmp_path)
     with pytest.raises(CheckpointError, match="span selector"):
         PluginAdapter.load(tmp_path, tiny_model(seed=0))
+
+
+def test_the_gold_diagnostic_asks_every_candidate_holding_a_gold_answer_and_nothing_else(
+    tiny: BaseModel, tiny_adapter: PluginAdapter
+) -> None:
+    doc = Document("d", TEXT, questions=[QA("q", "When was it painted?", ("1901",)), QA("r", "Where?", ("Lyon",))])
+    config = FoldInConfig(examples="none", selected=1, selected_gold=True, selected_window=2, max_examples=None)
+    assert tiny_adapter.selector is None  # the diagnostic needs none
+    [made] = fold_in_examples(tiny_adapter, tiny.model, tiny.tokenizer, [doc], config)
+    cands = candidates(TEXT)
+    assert made == [cands[1].question(2), cands[5].question(2)]  # document order; one per gold answer
+    with pytest.raises(ValueError, match="selector or the gold answers"):
+        selected_examples(None, tiny.model, tiny.tokenizer, [TEXT], 1)
