@@ -760,13 +760,15 @@ def fit_writer(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    init: QuestionWriter | None = None,
 ) -> tuple[QuestionWriter, list[float]]:
     """Fold-in's question writer (adapters.qgen), fitted by next-token loss on the gold questions of docs (mean
-    over question tokens); the base model stays frozen, and the whole network runs: the writer adapts every layer."""
+    over question tokens); the base model stays frozen, and the whole network runs: the writer adapts every layer.
+    With init, that writer is fitted further (its examples in the seed's order) instead of a new one."""
     pairs = training_pairs(docs)
     random.Random(seed).shuffle(pairs)
     examples = encode_examples(tokenizer, 0, pairs, max_len=1024)  # a sentence and a question: never truncated
-    writer = QuestionWriter(model, seed=seed)
+    writer = init or QuestionWriter(model, seed=seed)
     params = [p.requires_grad_(True) for p in writer.parameters()]
     opt = torch.optim.AdamW(params, lr=lr)
     losses: list[float] = []

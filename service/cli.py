@@ -197,10 +197,14 @@ def cmd_fit_selector(args: argparse.Namespace) -> None:
 
 
 def cmd_fit_writer(args: argparse.Namespace) -> None:
+    from adapters.qgen import QuestionWriter
     from adapters.training import fit_writer
 
     base, docs = _fitting_corpus(args)
-    writer, losses = fit_writer(base.model, base.tokenizer, docs, args.steps, lr=args.lr, seed=args.seed)
+    init = QuestionWriter.load(args.adapter, base.model) if args.resume else None
+    if args.resume and init is None:
+        raise CheckpointError(f"no question writer in {args.adapter} to resume")
+    writer, losses = fit_writer(base.model, base.tokenizer, docs, args.steps, lr=args.lr, seed=args.seed, init=init)
     writer.save(args.adapter)
     tail = losses[-20:]
     print(f"question writer written to {args.adapter} ({args.steps} steps, loss {sum(tail) / len(tail):.3f})")
@@ -632,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     writer = _beside_adapter(sub, "fit-writer", "question writer", "questions", cmd_fit_writer)
     writer.add_argument("--steps", type=int, default=120)
     writer.add_argument("--lr", type=float, default=2e-3)
+    writer.add_argument("--resume", action="store_true", help="fit the writer already beside the adapter further")
     _beside_adapter(sub, "fit-selector", "span selector", "answers", cmd_fit_selector)
 
     common = argparse.ArgumentParser(add_help=False)

@@ -62,6 +62,8 @@ def test_fold_in_refuses_written_questions_without_a_writer_and_loads_one_saved_
         for key, value in getattr(writer, side).items():
             assert torch.allclose(getattr(loaded.writer, side)[key], value, atol=1e-3)  # float16 on disk
     assert PluginAdapter.load(tmp_path, tiny_model(seed=0)).writer is not None
+    resumed, more = fit_writer(fresh.model, fresh.tokenizer, [DOC], 5, 2, 1e-2, progress=False, init=loaded.writer)
+    assert resumed is loaded.writer and more[0] < losses[0]  # fitted further, from where the first fit stopped
     (tmp_path / "qgen.safetensors").unlink()
     assert PluginAdapter.load(tmp_path, tiny_model(seed=0)).writer is None
 
