@@ -10,11 +10,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from adapters.corpus import Document
 from index.embedder import Embedder
 from index.store import PluginStore
 
@@ -115,3 +117,29 @@ def bench_index(
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+def bench_retrieval(docs: Sequence[Document], weights: Sequence[float], k: int = 3) -> dict[str, Any]:
+    """`kplug bench retrieval`: how often each question's own paragraph is retrieved first and within the top k,
+    every paragraph of docs registered, for each lexical weight (cosine + weight * BM25); with search latency."""
+    embedder = Embedder()
+    vectors = embedder.embed([d.text for d in docs])
+    questions = [(d.id, qa.question) for d in docs for qa in d.questions]
+    queries = embedder.embed([q for _, q in questions])
+    folder = Path(tempfile.mkdtemp(prefix="kplug-bench-retrieval-"))
+    rows = []
+    try:
+        store = PluginStore(folder, embedder.dim, (1, 1), "bench")
+        store.put_many([(d.id, d.text, {}, v, np.zeros((1, 1)), None) for d, v in zip(docs, vectors, strict=True)])
+        for weight in weights:
+            started = time.perf_counter()
+            pairs = zip(queries, questions, strict=True)
+            hits = [[i for i, _ in store.search(q, k, text, weight)] for q, (_, text) in pairs]
+            ms = (time.perf_counter() - started) * 1000 / max(len(questions), 1)
+            top1 = float(np.mean([h[:1] == [own] for h, (own, _) in zip(hits, questions, strict=True)]))
+            topk = float(np.mean([own in h for h, (own, _) in zip(hits, questions, strict=True)]))
+            rows.append({"lexical_weight": weight, "top1": top1, f"top{k}": topk, "search_ms": ms})
+        store.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"paragraphs": len(docs), "questions": len(questions), "k": k, "rows": rows}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -36,6 +37,9 @@ INDEX_FILE = "index.faiss"
 # on open. float16 by default: fold-in's x has |x| of order 1-10, where it keeps three significant digits.
 SCHEMA_VERSION = 3
 OnConflict = Literal["overwrite", "skip", "fail"]
+# left out of a query's BM25 match: they hold no content and match nearly every document
+_STOP = "a an and are as at be by did do does for from how in is it its of on or that the this to was were what when"
+STOPWORDS = frozenset(f"{_STOP} where which who whom why with".split())
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,6 +60,18 @@ CREATE TABLE IF NOT EXISTS plugins (
     adapter_id TEXT NOT NULL,
     loss REAL
 );
+-- the documents' words for BM25 (FTS5 over documents.text, kept in step by the triggers inside each write)
+CREATE VIRTUAL TABLE IF NOT EXISTS lexicon USING fts5(text, content='documents', content_rowid='num');
+CREATE TRIGGER IF NOT EXISTS lexicon_insert AFTER INSERT ON documents BEGIN
+    INSERT INTO lexicon (rowid, text) VALUES (new.num, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS lexicon_delete AFTER DELETE ON documents BEGIN
+    INSERT INTO lexicon (lexicon, rowid, text) VALUES ('delete', old.num, old.text);
+END;
+CREATE TRIGGER IF NOT EXISTS lexicon_update AFTER UPDATE OF text ON documents BEGIN
+    INSERT INTO lexicon (lexicon, rowid, text) VALUES ('delete', old.num, old.text);
+    INSERT INTO lexicon (rowid, text) VALUES (new.num, new.text);
+END;
 CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, num INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -144,7 +160,10 @@ class PluginStore:
                 status = db.execute("PRAGMA quick_check").fetchone()[0]
                 if status != "ok":
                     raise sqlite3.DatabaseError(status)
+            had_lexicon = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lexicon'").fetchone() is not None
             db.executescript(SCHEMA)
+            if not had_lexicon:  # a store from before the lexicon: index the documents it already holds
+                db.execute("INSERT INTO lexicon (lexicon) VALUES ('rebuild')")
         except sqlite3.DatabaseError as exc:
             raise StoreCorruptError(
                 f"{path} is not a readable SQLite store ({exc}); refusing to start on an empty store. "
@@ -443,19 +462,38 @@ class PluginStore:
 
     # ---- retrieval ----------------------------------------------------------------------------------------
 
-    def search(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:
-        """Top-k documents by cosine of text embeddings, best first: (id, score)."""
+    def search(
+        self, query: np.ndarray, k: int, text: str = "", lexical_weight: float = 0.0, pool: int = 20
+    ) -> list[tuple[str, float]]:
+        """Top-k documents, best first: (id, score). The score is the cosine of text embeddings, plus, with a query
+        text and a lexical weight, that weight times the document's BM25 score for the query's words: the pool best
+        by cosine and the pool best by BM25 are scored both ways, and the best k of them kept."""
         with self._lock:
-            nums, scores = self.index.search(query[None], k)
-            if nums.shape[1] == 0:
-                return []
-            names = dict(
-                self._db.execute(
-                    f"SELECT num, id FROM documents WHERE num IN ({','.join('?' * nums.shape[1])})",
-                    [int(n) for n in nums[0]],
-                ).fetchall()
-            )
-        return [(names[int(n)], float(s)) for n, s in zip(nums[0], scores[0], strict=True) if int(n) in names]
+            nums, scores = self.index.search(query[None], max(k, pool) if lexical_weight else k)
+            dense = {int(n): float(s) for n, s in zip(nums[0], scores[0], strict=True)}
+            lexical = self._bm25(text, pool, list(dense)) if lexical_weight and text else {}
+            missing = [n for n in lexical if n not in dense]
+            for num, blob in self._rows("SELECT num, embedding FROM documents WHERE num IN ({})", missing):
+                dense[num] = float(np.frombuffer(blob, dtype=np.float32) @ query)
+            names = dict(self._rows("SELECT num, id FROM documents WHERE num IN ({})", list(dense)))
+        ranked = sorted(((s + lexical_weight * lexical.get(n, 0.0), n) for n, s in dense.items()), reverse=True)
+        return [(names[n], score) for score, n in ranked if n in names][:k]
+
+    def _rows(self, sql: str, nums: Sequence[int]) -> list[tuple[Any, ...]]:
+        return self._db.execute(sql.format(",".join("?" * len(nums))), list(nums)).fetchall() if nums else []
+
+    def _bm25(self, text: str, pool: int, also: Sequence[int]) -> dict[int, float]:
+        """BM25 (FTS5's, made positive: higher is better) of the pool best documents for any word of text, and of
+        the documents also named; documents without one of its words score 0."""
+        words = {w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS}
+        if not words:
+            return {}
+        match = " OR ".join(f'"{w}"' for w in sorted(words))  # quoted: a word is never read as FTS5 syntax
+        sql = "SELECT rowid, -bm25(lexicon) FROM lexicon WHERE lexicon MATCH ?"
+        best = self._db.execute(sql + " ORDER BY rank LIMIT ?", (match, pool)).fetchall()
+        marks = ",".join("?" * len(also))
+        named = self._db.execute(sql + f" AND rowid IN ({marks})", (match, *also)).fetchall() if also else []
+        return {int(n): float(s) for n, s in best + named}
 
     def plugins(self, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Plugins of the current adapter for these ids (others are stale and left out)."""

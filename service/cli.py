@@ -335,6 +335,17 @@ def cmd_bench_index(args: argparse.Namespace) -> None:
     _write_json(args.out, result)
 
 
+def cmd_bench_retrieval(args: argparse.Namespace) -> None:
+    from adapters.corpus import load_corpus, parse_range
+    from index.bench import bench_retrieval
+
+    docs = load_corpus(args.data, parse_range(args.articles))
+    result = bench_retrieval(docs, [float(w) for w in args.weights.split(",")])
+    for row in result["rows"]:
+        print(" ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    _write_json(args.out, result)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from service.bench import bench_serve
 
@@ -683,6 +694,12 @@ def build_parser() -> argparse.ArgumentParser:
     b_index.add_argument("--queries", type=int, default=300)
     b_index.add_argument("--out", type=Path, default=None)
     b_index.set_defaults(func=cmd_bench_index)
+    b_retrieval = bench.add_parser("retrieval", help="own paragraph first / in the top 3, by lexical weight")
+    b_retrieval.add_argument("--data", type=Path, default=SHARED_SQUAD)
+    b_retrieval.add_argument("--articles", default="20-23", help="every paragraph registered, every question asked")
+    b_retrieval.add_argument("--weights", default="0,0.01,0.02,0.03,0.05,0.08,0.12")
+    b_retrieval.add_argument("--out", type=Path, default=None)
+    b_retrieval.set_defaults(func=cmd_bench_retrieval)
     b_serve = bench.add_parser("serve", help="throughput, latency and time to first token over HTTP")
     b_serve.add_argument("--url", default=None, help="a running server; default: start one on a fresh data folder")
     b_serve.add_argument("--data", type=Path, default=SHARED_SQUAD, help="SQuAD file whose paragraphs are registered")

@@ -224,6 +224,7 @@ class SquadEval:
                 "fold_in_steps": fold_in_steps(rt.adapter, rt.settings.fold_in),
                 "fold_in_precision": resolved_precision(rt.base.model, rt.settings.fold_in.precision),
                 "plugin_format": rt.store.plugin_format,
+                "lexical_weight": rt.settings.lexical_weight,
                 "composition_temperature": rt.settings.composition_temperature,
                 "composition_scale": rt.settings.composition_scale,
                 "combine_mix": rt.settings.combine_mix,

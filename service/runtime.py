@@ -125,7 +125,10 @@ class Runtime:
     def search(self, query: str, top_k: int) -> list[tuple[str, float]]:
         """Embed and search on the engine's thread: a FAISS search on a request thread left an OpenMP team there
         that slowed every later decoding step (71 ms against 40 ms, measured)."""
-        return self.engine.call(lambda: self.store.search(self.embedder.embed([query])[0], top_k)).result()
+        weight = self.settings.lexical_weight
+        return self.engine.call(
+            lambda: self.store.search(self.embedder.embed([query])[0], top_k, query, weight)
+        ).result()
 
     def _compose(self, hits: list[tuple[str, float]], mode: Mode) -> tuple[list[dict[str, Any]], torch.Tensor | None]:
         """Weights from the scores and the composed plugin (on the engine's thread: torch runs nowhere else)."""

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -366,3 +367,44 @@ def test_an_unknown_schema_is_refused(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreCorruptError, match="schema 7"):
         _store(tmp_path)
+
+
+def _texts_store(folder: Path) -> tuple[PluginStore, np.ndarray]:
+    """Three documents; the query's embedding leans toward the first, its words are the second's."""
+    store = _store(folder)
+    rng = np.random.default_rng(5)
+    vectors = _unit(rng, 3)
+    texts = ["The tower was painted red.", "Normans founded the duchy of Normandy in 911.", "Rivers flow to seas."]
+    for i, text in enumerate(texts):
+        store.put(f"doc-{i}", text, {}, vectors[i], np.zeros(SHAPE, dtype=np.float32))
+    query = vectors[0] * 0.6 + vectors[1] * 0.4
+    return store, query / np.linalg.norm(query)
+
+
+def test_a_lexical_weight_adds_bm25_for_the_query_words(tmp_path: Path) -> None:
+    store, query = _texts_store(tmp_path)
+    question = "When did the Normans found the duchy?"
+    assert store.search(query, 1, question)[0][0] == "doc-0"  # no weight: cosine alone
+    [(first, score), (second, cosine)] = store.search(query, 2, question, lexical_weight=0.5)
+    assert first == "doc-1" and second == "doc-0"
+    assert cosine == pytest.approx(float(query @ store.embedding("doc-0")), abs=1e-5)  # no word of it matched
+    assert score > float(query @ store.embedding("doc-1"))
+    assert store.search(query, 1, "what is the", lexical_weight=0.5)[0][0] == "doc-0"  # stopwords match nothing
+    assert store.search(query, 1, 'Normans" OR (duchy', lexical_weight=0.5)[0][0] == "doc-1"  # no FTS5 syntax
+
+
+def test_the_lexicon_follows_overwrites_and_deletes_and_is_built_for_an_older_store(tmp_path: Path) -> None:
+    store, query = _texts_store(tmp_path)
+    store.put("doc-1", "Nothing about dukes here.", {}, store.embedding("doc-1"), np.zeros(SHAPE, dtype=np.float32))
+    assert store.search(query, 1, "Normans duchy", lexical_weight=0.5)[0][0] == "doc-0"  # old words gone
+    assert store.search(query, 1, "dukes", lexical_weight=0.5)[0][0] == "doc-1"
+    store.delete("doc-1")
+    assert store.search(query, 3, "dukes", lexical_weight=0.5) == store.search(query, 3)
+    # BM25's word weights need a word rarer than in half the documents: a third one
+    store.put("doc-3", "Mountains are tall.", {}, _unit(np.random.default_rng(6), 1)[0], np.zeros(SHAPE))
+    store.close()
+    db = sqlite3.connect(tmp_path / DB_FILE)  # a store written before the lexicon existed
+    db.executescript("DROP TABLE lexicon; DROP TRIGGER lexicon_insert; DROP TRIGGER lexicon_delete;")
+    db.close()
+    reopened = _store(tmp_path)
+    assert reopened.search(query, 1, "rivers seas", lexical_weight=0.5)[0][0] == "doc-2"
