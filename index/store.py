@@ -38,8 +38,11 @@ INDEX_FILE = "index.faiss"
 SCHEMA_VERSION = 3
 OnConflict = Literal["overwrite", "skip", "fail"]
 # left out of a query's BM25 match: they hold no content and match nearly every document
-_STOP = "a an and are as at be by did do does for from how in is it its of on or that the this to was were what when"
-STOPWORDS = frozenset(f"{_STOP} where which who whom why with".split())
+STOPWORDS = frozenset(
+    {"a", "an", "and", "are", "as", "at", "be", "by", "did", "do", "does", "for", "from", "how", "in", "is", "it"}
+    | {"its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "what", "when", "where", "which", "who"}
+    | {"whom", "why", "with"}
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -479,8 +482,9 @@ class PluginStore:
         ranked = sorted(((s + lexical_weight * lexical.get(n, 0.0), n) for n, s in dense.items()), reverse=True)
         return [(names[n], score) for score, n in ranked if n in names][:k]
 
-    def _rows(self, sql: str, nums: Sequence[int]) -> list[tuple[Any, ...]]:
-        return self._db.execute(sql.format(",".join("?" * len(nums))), list(nums)).fetchall() if nums else []
+    def _rows(self, sql: str, nums: Sequence[int], *before: Any) -> list[tuple[Any, ...]]:
+        """sql's rows with its "IN ({})" filled by nums (none when nums is empty), after the parameters before."""
+        return self._db.execute(sql.format(",".join("?" * len(nums))), [*before, *nums]).fetchall() if nums else []
 
     def _bm25(self, text: str, pool: int, also: Sequence[int]) -> dict[int, float]:
         """BM25 (FTS5's, made positive: higher is better) of the pool best documents for any word of text, and of
@@ -491,8 +495,7 @@ class PluginStore:
         match = " OR ".join(f'"{w}"' for w in sorted(words))  # quoted: a word is never read as FTS5 syntax
         sql = "SELECT rowid, -bm25(lexicon) FROM lexicon WHERE lexicon MATCH ?"
         best = self._db.execute(sql + " ORDER BY rank LIMIT ?", (match, pool)).fetchall()
-        marks = ",".join("?" * len(also))
-        named = self._db.execute(sql + f" AND rowid IN ({marks})", (match, *also)).fetchall() if also else []
+        named = self._rows(sql + " AND rowid IN ({})", also, match)
         return {int(n): float(s) for n, s in best + named}
 
     def plugins(self, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
