@@ -9,6 +9,7 @@ number it reflects, so on open a stale snapshot is caught up from the log and a 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import re
@@ -38,6 +39,9 @@ INDEX_FILE = "index.faiss"
 SCHEMA_VERSION = 3
 OnConflict = Literal["overwrite", "skip", "fail"]
 # left out of a query's BM25 match: they hold no content and match nearly every document
+# BM25's budget, in documents holding a query word (PluginStore._bm25): its time at 100k documents was about
+# 1.1 ms per 1000 (README, "Index"), and no query of a collection of fewer documents loses a word.
+MAX_POSTINGS = 5000
 STOPWORDS = frozenset(
     {"a", "an", "and", "are", "as", "at", "be", "by", "did", "do", "does", "for", "from", "how", "in", "is", "it"}
     | {"its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "what", "when", "where", "which", "who"}
@@ -65,6 +69,8 @@ CREATE TABLE IF NOT EXISTS plugins (
 );
 -- the documents' words for BM25 (FTS5 over documents.text, kept in step by the triggers inside each write)
 CREATE VIRTUAL TABLE IF NOT EXISTS lexicon USING fts5(text, content='documents', content_rowid='num');
+-- each word's document count: BM25 reads only a query's rarest words (PluginStore._bm25)
+CREATE VIRTUAL TABLE IF NOT EXISTS lexicon_words USING fts5vocab(lexicon, 'row');
 CREATE TRIGGER IF NOT EXISTS lexicon_insert AFTER INSERT ON documents BEGIN
     INSERT INTO lexicon (rowid, text) VALUES (new.num, new.text);
 END;
@@ -466,15 +472,22 @@ class PluginStore:
     # ---- retrieval ----------------------------------------------------------------------------------------
 
     def search(
-        self, query: np.ndarray, k: int, text: str = "", lexical_weight: float = 0.0, pool: int = 20
+        self,
+        query: np.ndarray,
+        k: int,
+        text: str = "",
+        lexical_weight: float = 0.0,
+        pool: int = 20,
+        max_postings: int = MAX_POSTINGS,
     ) -> list[tuple[str, float]]:
         """Top-k documents, best first: (id, score). The score is the cosine of text embeddings, plus, with a query
-        text and a lexical weight, that weight times the document's BM25 score for the query's words: the pool best
-        by cosine and the pool best by BM25 are scored both ways, and the best k of them kept."""
+        text and a lexical weight, that weight times the document's BM25 score for the query's words (the rarest of
+        them, while the documents they are in add up to at most max_postings): the pool best by cosine and the pool
+        best by BM25 are scored both ways, and the best k of them kept."""
         with self._lock:
             nums, scores = self.index.search(query[None], max(k, pool) if lexical_weight else k)
             dense = {int(n): float(s) for n, s in zip(nums[0], scores[0], strict=True)}
-            lexical = self._bm25(text, pool, list(dense)) if lexical_weight and text else {}
+            lexical = self._bm25(text, pool, set(dense), max_postings) if lexical_weight and text else {}
             missing = [n for n in lexical if n not in dense]
             for num, blob in self._rows("SELECT num, embedding FROM documents WHERE num IN ({})", missing):
                 dense[num] = float(np.frombuffer(blob, dtype=np.float32) @ query)
@@ -482,21 +495,30 @@ class PluginStore:
         ranked = sorted(((s + lexical_weight * lexical.get(n, 0.0), n) for n, s in dense.items()), reverse=True)
         return [(names[n], score) for score, n in ranked if n in names][:k]
 
-    def _rows(self, sql: str, nums: Sequence[int], *before: Any) -> list[tuple[Any, ...]]:
-        """sql's rows with its "IN ({})" filled by nums (none when nums is empty), after the parameters before."""
-        return self._db.execute(sql.format(",".join("?" * len(nums))), [*before, *nums]).fetchall() if nums else []
+    def _rows(self, sql: str, values: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """sql's rows with its "IN ({})" filled by values (none when values is empty)."""
+        return self._db.execute(sql.format(",".join("?" * len(values))), list(values)).fetchall() if values else []
 
-    def _bm25(self, text: str, pool: int, also: Sequence[int]) -> dict[int, float]:
-        """BM25 (FTS5's, made positive: higher is better) of the pool best documents for any word of text, and of
-        the documents also named; documents without one of its words score 0."""
-        words = {w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS}
-        if not words:
+    def _bm25(self, text: str, pool: int, also: set[int], max_postings: int) -> dict[int, float]:
+        """BM25 (FTS5's, made positive: higher is better) of the pool best documents for text's words, and of the
+        documents also named; documents without one of them score 0. FTS5 scores every document that holds a word
+        of the query, so the words are taken rarest first while the documents they are in add up to at most
+        max_postings: the commonest words, which cost the most time and add the least (their IDF is low), are left
+        out in a large collection, and every word counts in a small one."""
+        words = sorted({w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS})
+        counts = dict(self._rows("SELECT term, doc FROM lexicon_words WHERE term IN ({})", words))
+        kept, total = [], 0
+        for word in sorted(words, key=lambda w: counts.get(w, 0)):
+            total += counts.get(word, 0)
+            if total > max_postings:
+                break
+            kept.append(word)
+        if not kept:
             return {}
-        match = " OR ".join(f'"{w}"' for w in sorted(words))  # quoted: a word is never read as FTS5 syntax
-        sql = "SELECT rowid, -bm25(lexicon) FROM lexicon WHERE lexicon MATCH ?"
-        best = self._db.execute(sql + " ORDER BY rank LIMIT ?", (match, pool)).fetchall()
-        named = self._rows(sql + " AND rowid IN ({})", also, match)
-        return {int(n): float(s) for n, s in best + named}
+        match = " OR ".join(f'"{w}"' for w in kept)  # quoted: a word is never read as FTS5 syntax
+        rows = self._db.execute("SELECT rowid, -bm25(lexicon) FROM lexicon WHERE lexicon MATCH ?", (match,)).fetchall()
+        best = heapq.nlargest(pool, rows, key=lambda r: r[1])  # one scan for both: a second costs as much again
+        return {int(n): float(s) for n, s in best + [r for r in rows if r[0] in also]}
 
     def plugins(self, doc_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Plugins of the current adapter for these ids (others are stale and left out)."""

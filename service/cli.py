@@ -328,9 +328,11 @@ def cmd_bench_index(args: argparse.Namespace) -> None:
     from adapters.base_model import load_base_model
     from adapters.default import default_adapter_dir
     from index.bench import bench_index
+    from service.settings import Settings
 
     shape = PluginAdapter.load(args.adapter or default_adapter_dir(), load_base_model(args.model)).plugin_shape
-    result = bench_index(shape, tuple(int(s) for s in args.sizes.split(",")), args.queries)
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    result = bench_index(shape, sizes, args.queries, lexical_weight=Settings().lexical_weight)
     print(_table(result))
     _write_json(args.out, result)
 

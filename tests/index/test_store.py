@@ -393,6 +393,28 @@ def test_a_lexical_weight_adds_bm25_for_the_query_words(tmp_path: Path) -> None:
     assert store.search(query, 1, 'Normans" OR (duchy', lexical_weight=0.5)[0][0] == "doc-1"  # no FTS5 syntax
 
 
+def test_bm25_leaves_out_the_commonest_query_words_past_its_budget(tmp_path: Path) -> None:
+    store, query = _texts_store(tmp_path)
+    rng = np.random.default_rng(7)
+    more = ["Normans sailed north.", "Normans built castles.", "Normans spoke French."]
+    more += ["Bees make honey.", "Snow is cold.", "Owls hunt at night.", "Clocks tick."]  # BM25: a word in < half
+    for i, text in enumerate(more):
+        store.put(f"more-{i}", text, {}, _unit(rng, 1)[0], np.zeros(SHAPE, dtype=np.float32))
+    question = "Normans duchy"  # "normans" is in 4 of 10 documents, "duchy" in 1
+
+    def scores(**budget: int) -> dict[str, float]:
+        return dict(store.search(query, 10, question, lexical_weight=0.5, **budget))
+
+    def cosine(doc_id: str) -> float:
+        return float(query @ store.embedding(doc_id))
+
+    every, rarest = scores(), scores(max_postings=4)
+    assert every["more-0"] > cosine("more-0") + 1e-3  # within the budget: both words count
+    assert rarest["more-0"] == pytest.approx(cosine("more-0"), abs=1e-5)  # past it: "normans" left out
+    assert rarest["doc-1"] > cosine("doc-1") + 1e-3  # "duchy" kept, the rarest
+    assert scores(max_postings=0) == dict(store.search(query, 10))  # no word within a budget of none
+
+
 def test_the_lexicon_follows_overwrites_and_deletes_and_is_built_for_an_older_store(tmp_path: Path) -> None:
     store, query = _texts_store(tmp_path)
     store.put("doc-1", "Nothing about dukes here.", {}, store.embedding("doc-1"), np.zeros(SHAPE, dtype=np.float32))
