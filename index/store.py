@@ -38,10 +38,10 @@ INDEX_FILE = "index.faiss"
 # on open. float16 by default: fold-in's x has |x| of order 1-10, where it keeps three significant digits.
 SCHEMA_VERSION = 3
 OnConflict = Literal["overwrite", "skip", "fail"]
-# left out of a query's BM25 match: they hold no content and match nearly every document
 # BM25's budget, in documents holding a query word (PluginStore._bm25): its time at 100k documents was about
 # 1.1 ms per 1000 (README, "Index"), and no query of a collection of fewer documents loses a word.
 MAX_POSTINGS = 5000
+# left out of a query's BM25 match: they hold no content and match nearly every document
 STOPWORDS = frozenset(
     {"a", "an", "and", "are", "as", "at", "be", "by", "did", "do", "does", "for", "from", "how", "in", "is", "it"}
     | {"its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "what", "when", "where", "which", "who"}
