@@ -115,3 +115,22 @@ def test_the_gold_diagnostic_asks_every_candidate_holding_a_gold_answer_and_noth
     assert made == [cands[1].question(2), cands[5].question(2)]  # document order; one per gold answer
     with pytest.raises(ValueError, match="selector or the gold answers"):
         selected_examples(None, tiny.model, tiny.tokenizer, [TEXT], 1)
+
+
+def test_a_question_the_writer_asks_of_two_spans_is_dropped_for_both_and_their_rule_made_ones_stay(
+    tiny: BaseModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cands = candidates(TEXT)
+    gold = [[cands[1].span, cands[2].span, cands[5].span]]  # three spans chosen, as a perfect selector would
+    asked = ["When was it finished?", "when was it finished? ", "When was the tower painted?"]
+
+    def ask(_w: object, _m: object, _t: object, groups: list[list[tuple[str, str]]], *_: object) -> list:
+        return [[Example(q, a + ANSWER_END) for q, (_, a) in zip(asked, pairs, strict=True)] for pairs in groups]
+
+    monkeypatch.setattr("adapters.spans.ask_groups", ask)
+    writer = object()  # only handed to ask_groups
+    [made] = selected_examples(None, tiny.model, tiny.tokenizer, [TEXT], 3, None, 2, writer, gold)  # type: ignore[arg-type]
+    chosen = [c for c in cands if c.span in gold[0]]
+    assert made == [Example("When was the tower painted?", cands[5].span + ANSWER_END)] + [
+        c.question(2) for c in chosen
+    ]
