@@ -181,8 +181,9 @@ def selected_examples(
     """Each text's rule-made question (Candidate.question's window) for each of the n spans the selector ranks
     highest; with a writer, first its question for each, given the span's sentence (where it wrote one that no other
     span of the text shares), asked for all texts together. The two phrasings answer different questions, and
-    together more than either (README, "Written and rule-made questions ..."). With each text's gold answers (a diagnostic, never the method: a perfect
-    selector), every candidate that holds one instead, as fit_selector labels them."""
+    together more than either (README, "Written and rule-made questions ..."). With each text's gold answers (a
+    diagnostic, never the method: a perfect selector), every candidate that holds one instead, as fit_selector labels
+    them."""
     if answers is None:
         if selector is None:
             raise ValueError("selected_examples needs a selector or the gold answers")
