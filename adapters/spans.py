@@ -200,10 +200,11 @@ def selected_examples(
 def _unambiguous(examples: Sequence[Example]) -> list[Example]:
     """The examples whose question no other example of the document asks: the writer asks two spans of one
     sentence the same question now and then ("Who wrote about the Great Pestilence?" for "historian" and for
-    "Francis Aidan Gasquet"), and one question with two answers teaches the plugin neither (README, "Written and
-    rule-made questions ...": 5% of the examples; their rule-made questions stay)."""
-    asked = Counter(e.prompt.strip().lower() for e in examples)
-    return [e for e in examples if asked[e.prompt.strip().lower()] == 1]
+    "Francis Aidan Gasquet"), and one question with two answers teaches the plugin neither (README, "One question,
+    one answer ...": 5% of the examples; their rule-made questions stay)."""
+    keys = [e.prompt.strip().lower() for e in examples]
+    asked = Counter(keys)
+    return [e for e, k in zip(examples, keys, strict=True) if asked[k] == 1]
 
 
 def fit_selector(
